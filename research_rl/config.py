@@ -27,6 +27,7 @@ ROLLOUT_ENGINES = ("hf", "vllm")
 LEARNER_BACKENDS = ("fsdp2",)
 RETRIEVER_KINDS = ("bm25", "dense")
 PLACEMENTS = ("colocated", "disaggregated")
+PG_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 LOGGERS = ("tensorboard", "wandb")
 EVAL_METHODS = ("research", "naive_generation", "naive_rag")  # research_rl.evaluation.METHODS
 VAL_METRICS = ("em", "f1", "cover_em", "searches", "response_len", "format_fail", "searches_per_question")
@@ -300,18 +301,55 @@ class TrainerConfig:
 
 
 @dataclass
-class ResourcesConfig:
-    """What the cluster has; roles' demands are checked against it before ray.init."""
+class PlacementConfig:
+    """Where the roles run (``research_rl/placement.py``; docs/cluster.md).
 
-    nnodes: int = 1
-    gpus_per_node: int = 0
-    cpus_per_node: Optional[int] = None  # None: what Ray detects (local mode)
-    placement: str = "colocated"  # colocated: rollout and learner share GPUs; disaggregated: separate pools
+    The GPU nodes are ``nnodes`` × ``gpus_per_node``. ``colocated``: one pool of every GPU; each GPU hosts one learner
+    rank and one rollout worker (and one reference worker when ``reference.placement=separate``), which share it.
+    ``disaggregated``: each role has its own pool of ``num_workers`` × ``num_gpus_per_worker`` GPUs. Pools are Ray
+    placement groups with ``strategy``. Retriever replicas go to nodes without GPUs (``retriever_nodes=cpu_only``)
+    when the cluster has any. Checked before ``ray.init`` with the arithmetic shown when the GPUs do not add up.
+    """
+
+    mode: str = "colocated"  # colocated | disaggregated
+    nnodes: int = 1  # GPU nodes
+    gpus_per_node: int = 0  # 0: CPU only (debug mode)
+    strategy: str = "PACK"  # placement-group strategy of each GPU pool: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    gpu_resource: str = "GPU"  # the Ray resource counted as a GPU (a custom resource can stand in for GPUs)
+    retriever_nodes: str = "cpu_only"  # cpu_only: nodes without gpu_resource, if any (else any node) | any
+    timeout_s: float = 300.0  # how long to wait for the cluster to grant the pools before failing
 
     def __post_init__(self) -> None:
-        _positive("resources.nnodes", self.nnodes)
-        _positive("resources.gpus_per_node", self.gpus_per_node, allow_zero=True)
-        _one_of("resources.placement", self.placement, PLACEMENTS)
+        _one_of("placement.mode", self.mode, PLACEMENTS)
+        _positive("placement.nnodes", self.nnodes)
+        _positive("placement.gpus_per_node", self.gpus_per_node, allow_zero=True)
+        _one_of("placement.strategy", self.strategy, PG_STRATEGIES)
+        if not self.gpu_resource:
+            raise ConfigError("placement.gpu_resource", "must name a Ray resource, e.g. GPU")
+        _one_of("placement.retriever_nodes", self.retriever_nodes, ("cpu_only", "any"))
+        _positive("placement.timeout_s", self.timeout_s)
+
+
+@dataclass
+class ReferenceConfig:
+    """The reference policy of the KL term (the initial policy, frozen).
+
+    ``colocated``: each learner rank also holds a shard of it. ``separate``: its own worker group of ``num_workers``
+    ranks (one torch.distributed group) that only computes reference log-probs; in ``placement.mode=colocated`` it
+    shares each GPU with a learner rank and a rollout worker. ``offload`` keeps its parameters on CPU between passes.
+    """
+
+    placement: str = "colocated"  # colocated | separate
+    num_workers: int = 1  # separate only
+    num_cpus_per_worker: float = 1.0  # separate only
+    num_gpus_per_worker: float = 0.0  # separate only
+    offload: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of("reference.placement", self.placement, ("colocated", "separate"))
+        _positive("reference.num_workers", self.num_workers)
+        _positive("reference.num_cpus_per_worker", self.num_cpus_per_worker, allow_zero=True)
+        _positive("reference.num_gpus_per_worker", self.num_gpus_per_worker, allow_zero=True)
 
 
 @dataclass
@@ -402,7 +440,8 @@ class Config:
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -429,37 +468,33 @@ def validate(cfg: Config) -> Config:
             f"{trajectories} trajectories per step (trainer.prompts_per_step={cfg.trainer.prompts_per_step} × "
             f"rollout.group_size={cfg.rollout.group_size}) do not split evenly over {cfg.learner.num_workers} learner ranks",
         )
+    if cfg.reference.placement == "separate" and trajectories % cfg.reference.num_workers:
+        raise ConfigError("reference.num_workers", f"{trajectories} trajectories per step do not split evenly over "
+                          f"{cfg.reference.num_workers} reference ranks")
     if cfg.validation.every < 0:
         raise ConfigError("validation.every", f"got {cfg.validation.every}, expected >= 0")
 
-    gpus_total = cfg.resources.nnodes * cfg.resources.gpus_per_node
-    rollout_gpus = cfg.rollout.num_workers * cfg.rollout.num_gpus_per_worker
-    learner_gpus = cfg.learner.num_workers * cfg.learner.num_gpus_per_worker
-    if cfg.resources.placement == "colocated":
-        need, how = max(rollout_gpus, learner_gpus), f"max(rollout {rollout_gpus:g}, learner {learner_gpus:g})"
-    else:
-        need, how = rollout_gpus + learner_gpus, f"rollout {rollout_gpus:g} + learner {learner_gpus:g}"
-    if need > gpus_total:
-        raise ConfigError(
-            "resources.gpus_per_node",
-            f"{cfg.resources.placement} placement needs {how} = {need:g} GPUs but the cluster has "
-            f"resources.nnodes={cfg.resources.nnodes} × resources.gpus_per_node={cfg.resources.gpus_per_node} = {gpus_total}",
-        )
+    from research_rl.placement import check_placement
+
+    check_placement(cfg)  # GPU arithmetic per pool; raises ConfigError with the sums
     if cfg.ray.address is None:  # a local cluster: every actor must fit, or Ray waits forever to place one
         import os
 
         cpus = cfg.ray.num_cpus if cfg.ray.num_cpus is not None else os.cpu_count()
         retriever_cpus = 0.0 if cfg.retriever.url else cfg.retriever.num_replicas * cfg.retriever.num_cpus
+        ref = cfg.reference
+        ref_cpus = ref.num_workers * ref.num_cpus_per_worker if ref.placement == "separate" else 0.0
         demand = (retriever_cpus + cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker
-                  + cfg.learner.num_workers * cfg.learner.num_cpus_per_worker)
+                  + cfg.learner.num_workers * cfg.learner.num_cpus_per_worker + ref_cpus)
         if demand > cpus:
             raise ConfigError(
                 "ray.num_cpus",
                 f"the actors need retriever {retriever_cpus:g} (num_replicas × num_cpus) + rollout "
-                f"{cfg.rollout.num_workers} × "
-                f"{cfg.rollout.num_cpus_per_worker:g} + learner {cfg.learner.num_workers} × "
-                f"{cfg.learner.num_cpus_per_worker:g} = {demand:g} CPUs but the local cluster has {cpus}; raise "
-                "ray.num_cpus (logical CPUs may exceed cores: rollout and learner take turns) or lower the shares")
+                f"{cfg.rollout.num_workers} × {cfg.rollout.num_cpus_per_worker:g} + learner "
+                f"{cfg.learner.num_workers} × {cfg.learner.num_cpus_per_worker:g}"
+                + (f" + reference {ref.num_workers} × {ref.num_cpus_per_worker:g}" if ref_cpus else "")
+                + f" = {demand:g} CPUs but the local cluster has {cpus}; raise ray.num_cpus (logical CPUs may "
+                "exceed cores: rollout and learner take turns) or lower the shares")
     if cfg.rollout.engine == "vllm" and cfg.rollout.num_gpus_per_worker <= 0:
         raise ConfigError("rollout.num_gpus_per_worker", "rollout.engine=vllm runs on GPUs; set a GPU share per worker")
     return cfg

@@ -132,12 +132,12 @@ class Learner:
     @torch.no_grad()
     def compute_log_probs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Log-probs of every next token under the current policy (``old_log_probs``) and the reference
-        (``ref_log_probs``), each ``[N, L-1]`` float32 on CPU (zero past each sequence's trimmed width)."""
+        (``ref_log_probs``), each ``[N, L-1]`` float32 on CPU (zero past each sequence's trimmed width). Only the
+        models loaded on this rank are scored (a separate reference group holds only the reference)."""
         n, width = batch["input_ids"].shape
-        out = {"old_log_probs": torch.zeros(n, width - 1), "ref_log_probs": torch.zeros(n, width - 1)}
-        models = {"old_log_probs": self.policy}
-        if self.reference is not None:
-            models["ref_log_probs"] = self.reference
+        models = {key: m for key, m in (("old_log_probs", self.policy), ("ref_log_probs", self.reference))
+                  if m is not None}
+        out = {key: torch.zeros(n, width - 1) for key in models}
         for key, model in models.items():
             was_training = model.training
             model.eval()

@@ -9,6 +9,7 @@ import torch
 
 from research_rl.config import AlgoConfig, LearnerConfig
 from research_rl.learner import Learner, set_torch_threads
+from research_rl.placement import where
 
 
 @ray.remote
@@ -64,6 +65,10 @@ class LearnerWorker:
 
     def load_optimizer(self, path: str) -> None:
         self.learner.load_optimizer(path)
+
+    def where(self) -> dict:
+        """``placement.where()``: node, pid and assigned resources of this rank."""
+        return where()
 
     def shutdown(self) -> None:
         self.learner.shutdown()

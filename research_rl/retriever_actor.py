@@ -16,6 +16,7 @@ import gc
 
 import ray
 
+from research_rl.placement import where
 from research_rl.retriever import Passage, Retriever
 from research_rl.search_batcher import SearchBatcher
 
@@ -49,17 +50,23 @@ class RetrieverActor:
         """True once the index is open (callers ``ray.get`` it to surface construction errors early)."""
         return True
 
+    async def where(self) -> dict:
+        """``placement.where()``: node, pid and assigned resources of this replica."""
+        return where()
 
-def start_retrievers(cfg, corpus_path: str | None) -> list:
+
+def start_retrievers(cfg, corpus_path: str | None, scheduling: list[dict] | None = None) -> list:
     """Start ``cfg.num_replicas`` ``RetrieverActor`` replicas from a ``RetrieverConfig``.
 
-    Replicas ask for ``cfg.num_cpus`` CPUs and no GPU, are spread over nodes (``SPREAD``), and restart up to
-    ``cfg.max_restarts`` times (-1: forever) with ``max_task_retries=0``. Returns the handles; ``ray.get`` each one's
-    ``ready()`` to surface construction errors.
+    Replicas ask for ``cfg.num_cpus`` CPUs and no GPU and restart up to ``cfg.max_restarts`` times (-1: forever) with
+    ``max_task_retries=0``. ``scheduling`` gives extra Ray options per replica (``Placement.retriever_options``:
+    node affinity to CPU-only nodes); a replica without them is spread over nodes (``SPREAD``) when there are
+    several. Returns the handles; ``ray.get`` each one's ``ready()`` to surface construction errors.
     """
-    options = dict(num_cpus=cfg.num_cpus, num_gpus=0, max_restarts=cfg.max_restarts, max_task_retries=0)
+    base = dict(num_cpus=cfg.num_cpus, num_gpus=0, max_restarts=cfg.max_restarts, max_task_retries=0)
     if cfg.num_replicas > 1:
-        options["scheduling_strategy"] = "SPREAD"
-    return [RetrieverActor.options(**options).remote(
+        base["scheduling_strategy"] = "SPREAD"
+    scheduling = scheduling or [{} for _ in range(cfg.num_replicas)]
+    return [RetrieverActor.options(**{**base, **extra}).remote(
         cfg.index_dir, cfg.kind, cfg.top_k, cfg.threads, corpus_path, cfg.max_batch_size, cfg.max_wait_ms,
-        cfg.cache_size) for _ in range(cfg.num_replicas)]
+        cfg.cache_size) for extra in scheduling]

@@ -16,6 +16,7 @@ import torch
 from research_rl.agent_loop import AgentLoop, SamplingParams, Trajectory
 from research_rl.config import RolloutConfig
 from research_rl.learner import set_torch_threads
+from research_rl.placement import where
 from research_rl.retriever_client import RetrieverClient
 
 
@@ -73,3 +74,7 @@ class RolloutWorker:
 
     def ready(self) -> bool:
         return True
+
+    def where(self) -> dict:
+        """``placement.where()``: node, pid and assigned resources of this worker."""
+        return where()

@@ -1,4 +1,5 @@
-"""Entry point: ``python -m research_rl.train experiment=NAME [key=value ...]`` (Hydra; multirun with ``-m``).
+"""Entry point: ``python -m research_rl.train experiment=NAME [key=value ...]`` (Hydra; sweeps with ``-m``, each run
+with its own output directory and Ray namespace, summarised by ``research_rl.sweep``).
 
 The config is composed, converted to the typed ``Config`` and validated before Ray or any actor starts.
 """
@@ -6,6 +7,7 @@ The config is composed, converted to the typed ``Config`` and validated before R
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -48,11 +50,30 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+def per_run(dcfg: DictConfig) -> bool:
+    """In a Hydra multirun (``-m``), give this run its own ``trainer.output_dir`` (the sweep's job directory, or
+    ``<trainer.output_dir>/<job number>`` when the sweep sets it) and Ray namespace (``<ray.namespace>-<sweep>-<job
+    number>``). Returns whether this is a multirun job."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return False
+    given = any(o.split("=", 1)[0].lstrip("+") == "trainer.output_dir" for o in hc.overrides.task)
+    dcfg.trainer.output_dir = (f"{dcfg.trainer.output_dir}/{hc.job.num}" if given else hc.runtime.output_dir)
+    dcfg.ray.namespace = f"{dcfg.ray.namespace}-{Path(hc.sweep.dir).name}-{hc.job.num}"
+    return True
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> dict:
+    multirun = per_run(dcfg)
     try:
         cfg = load_config(dcfg)
     except ConfigError as e:
+        if multirun:
+            raise  # the sweep records this run as failed and goes on with the next one
         sys.exit(str(e))
     from research_rl.trainer import GRPOTrainer
 

@@ -18,6 +18,7 @@ policy is ``model.path`` itself); its step and value are in ``summary.json`` und
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -58,9 +59,27 @@ def _check_service(url: str, timeout_s: float) -> None:
                               "python -m retriever_service.serve --index DIR --port PORT") from e
 
 
+def absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with its relative file paths made absolute against the current directory, so that every actor (and
+    a Ray job's driver, whose working directory is an unpacked copy) reads and writes the same files. A
+    ``model.path`` that is not a local path (a hub id) is left alone."""
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().resolve())
+
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, path=absolute(cfg.model.path) if os.path.exists(cfg.model.path)
+                                  else cfg.model.path),
+        data=dataclasses.replace(cfg.data, train_files=[absolute(f) for f in cfg.data.train_files],
+                                 val_files=[absolute(f) for f in cfg.data.val_files],
+                                 corpus_path=absolute(cfg.data.corpus_path)),
+        retriever=dataclasses.replace(cfg.retriever, index_dir=absolute(cfg.retriever.index_dir)),
+        trainer=dataclasses.replace(cfg.trainer, output_dir=absolute(cfg.trainer.output_dir)))
+
+
 class GRPOTrainer:
     def __init__(self, cfg: Config):
-        self.cfg = cfg
+        self.cfg = cfg = absolute_paths(cfg)
         self.run_dir = Path(cfg.trainer.output_dir)
         self.step = 0
         self.summary: dict = {}
@@ -103,7 +122,7 @@ class GRPOTrainer:
             self._warmup(init_path)
         policy_path = resume_from / "model" if resume_from else init_path
         self._call_learners("load_policy", str(policy_path))
-        self._call_learners("load_reference", str(init_path))
+        self._call_learners("load_reference", str(init_path), group=self.references or self.learners)
         if resume_from:
             self._call_learners("load_optimizer", str(resume_from / "optimizer.pt"))
             self._restore(ckpt.load_state(resume_from))
@@ -179,46 +198,87 @@ class GRPOTrainer:
 
         if ray.is_initialized():
             return
+        p = self.cfg.placement
         if self.cfg.ray.address is None:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            # a local cluster is one node; a custom gpu_resource (standing in for GPUs) is declared on it
+            custom = {p.gpu_resource: p.gpus_per_node} if p.gpus_per_node and p.gpu_resource != "GPU" else None
             ray.init(num_cpus=self.cfg.ray.num_cpus, namespace=self.cfg.ray.namespace, include_dashboard=False,
-                     log_to_driver=True)
+                     log_to_driver=True, resources=custom)
         else:
             ray.init(address=self.cfg.ray.address, namespace=self.cfg.ray.namespace)
 
     def _start_actors(self) -> None:
+        """Create the pools (``research_rl.placement``), then the retriever replicas, rollout workers, learner ranks
+        and (``reference.placement=separate``) reference ranks in them; write ``RUN_DIR/placement.json``."""
         import ray
 
-        from research_rl.learner_worker import LearnerWorker
+        from research_rl.placement import Placement, check_placement, write_report
         from research_rl.retriever_actor import start_retrievers
         from research_rl.retriever_client import RetrieverClient
         from research_rl.rollout_worker import RolloutWorker
 
         cfg = self.cfg
-        self.retrievers = [] if cfg.retriever.url else start_retrievers(cfg.retriever, cfg.data.corpus_path)
+        for note in check_placement(cfg):
+            print(note)
+        self.placement = Placement(cfg)
+        self.placement.create()
+        self.retrievers = [] if cfg.retriever.url else start_retrievers(
+            cfg.retriever, cfg.data.corpus_path, self.placement.retriever_options(cfg.retriever.num_replicas))
         self.retriever = RetrieverClient(self.retrievers, cfg.retriever.url, cfg.retriever.timeout_s)
         self.rollout_workers = [
-            RolloutWorker.options(num_cpus=cfg.rollout.num_cpus_per_worker, num_gpus=cfg.rollout.num_gpus_per_worker)
+            RolloutWorker.options(**self.placement.options("rollout", i))
             .remote(cfg.rollout, cfg.model.path, self.retriever, cfg.retriever.top_k)
-            for _ in range(cfg.rollout.num_workers)]
-        n = cfg.learner.num_workers
-        self.learners = [
-            LearnerWorker.options(num_cpus=cfg.learner.num_cpus_per_worker, num_gpus=cfg.learner.num_gpus_per_worker)
-            .remote(cfg.learner, cfg.algo, rank, n, cfg.model.dtype, cfg.model.gradient_checkpointing)
-            for rank in range(n)]
-        addr, port = ray.get(self.learners[0].rendezvous_address.remote())
-        ray.get([w.init_process_group.remote(addr, port) for w in self.learners])
+            for i in range(cfg.rollout.num_workers)]
+        self.learners = self._worker_group("learner", cfg.learner.num_workers, cfg.learner.num_gpus_per_worker)
+        self.references = (self._worker_group("reference", cfg.reference.num_workers,
+                                              cfg.reference.num_gpus_per_worker)
+                           if cfg.reference.placement == "separate" else [])
         ray.get([*[r.ready.remote() for r in self.retrievers], *[w.ready.remote() for w in self.rollout_workers]])
+        roles = {"learner": self.learners, "rollout": self.rollout_workers, "reference": self.references,
+                 "retriever": self.retrievers}
+        where = {role: ray.get([a.where.remote() for a in actors]) for role, actors in roles.items() if actors}
+        print(write_report(self.run_dir / "placement.json", cfg, where))
 
-    def _call_learners(self, method: str, *args):
-        """Call a method on every learner rank (collectives need all ranks); rank 0's result."""
+    def _worker_group(self, role: str, n: int, gpus_per_worker: float) -> list:
+        """``n`` LearnerWorker ranks forming one torch.distributed group (rank 0 hosts the rendezvous)."""
         import ray
 
-        return ray.get([getattr(w, method).remote(*args) for w in self.learners])[0]
+        from research_rl.learner_worker import LearnerWorker
 
-    def _shard(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        n = len(self.learners)
+        cfg = self.cfg
+        learner_cfg = dataclasses.replace(cfg.learner, num_gpus_per_worker=gpus_per_worker)
+        group = [LearnerWorker.options(**self.placement.options(role, rank))
+                 .remote(learner_cfg, cfg.algo, rank, n, cfg.model.dtype, cfg.model.gradient_checkpointing)
+                 for rank in range(n)]
+        addr, port = ray.get(group[0].rendezvous_address.remote())
+        ray.get([w.init_process_group.remote(addr, port) for w in group])
+        return group
+
+    def _call_learners(self, method: str, *args, group: list | None = None):
+        """Call a method on every rank of the learner group (or ``group``; collectives need all ranks); rank 0's
+        result."""
+        import ray
+
+        return ray.get([getattr(w, method).remote(*args) for w in (group or self.learners)])[0]
+
+    @staticmethod
+    def _shard(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
+        """``n`` equal slices along the trajectory dimension (``validate`` checks it divides)."""
         return [{k: v.chunk(n)[r] for k, v in batch.items()} for r in range(n)]
+
+    def _log_probs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``old_log_probs`` from the learner ranks and ``ref_log_probs`` from the reference (inside the learner
+        ranks, or the separate reference group, computing at the same time), each ``[N, L-1]``."""
+        import ray
+
+        groups = [self.learners, *([self.references] if self.references else [])]
+        refs = [[w.compute_log_probs.remote(b) for w, b in zip(g, self._shard(batch, len(g)))] for g in groups]
+        out = {}
+        for parts in map(ray.get, refs):
+            for key in parts[0]:
+                out[key] = torch.cat([p[key] for p in parts])
+        return out
 
     # ================================================================= warm-up (debug only)
     def _warmup(self, out_dir: Path) -> None:
@@ -245,7 +305,8 @@ class GRPOTrainer:
         bar = tqdm(range(w.steps), desc="warm-up (supervised, debug only)", unit="step")
         for i in bar:
             batch = collate(rng.sample(examples, min(w.batch_size, len(examples))), self.tokenizer.pad_token_id)
-            refs = [lw.sft_step.remote(b, w.lr) for lw, b in zip(self.learners, self._shard(batch))]
+            shards = self._shard(batch, len(self.learners))
+            refs = [lw.sft_step.remote(b, w.lr) for lw, b in zip(self.learners, shards)]
             m = ray.get(refs)[0]
             bar.set_postfix(nll=f"{m['warmup/nll']:.3f}")
             if i % 10 == 0 or i == w.steps - 1:
@@ -281,14 +342,13 @@ class GRPOTrainer:
                            for q, t in trajs]
             batch = self._batch([t for _, t in trajs])
             with timed("logprobs", timings):
-                parts = ray.get([w.compute_log_probs.remote(b) for w, b in zip(self.learners, self._shard(batch))])
-                for key in ("old_log_probs", "ref_log_probs"):
-                    batch[key] = torch.cat([p[key] for p in parts])
+                batch.update(self._log_probs(batch))
             with timed("advantages", timings):
                 scores = torch.tensor([r.score for r in rewards], dtype=torch.float32)  # [B*G]
                 batch["advantages"] = grpo.group_advantages(scores, cfg.rollout.group_size, cfg.algo.adv_eps)
             with timed("update", timings):
-                metrics = ray.get([w.update.remote(b) for w, b in zip(self.learners, self._shard(batch))])[0]
+                shards = self._shard(batch, len(self.learners))
+                metrics = ray.get([w.update.remote(b) for w, b in zip(self.learners, shards)])[0]
             with timed("sync", timings):
                 metrics.update(self._sync(self.step))
             self.train_seconds += time.perf_counter() - t_step
@@ -506,7 +566,10 @@ class GRPOTrainer:
             self.logger.close()
         if ray.is_initialized():
             try:
-                ray.get([w.shutdown.remote() for w in getattr(self, "learners", [])], timeout=30)
+                ray.get([w.shutdown.remote() for w in [*getattr(self, "learners", []),
+                                                        *getattr(self, "references", [])]], timeout=30)
             except Exception:
                 pass
+            if hasattr(self, "placement"):
+                self.placement.remove()
             ray.shutdown()

@@ -56,8 +56,7 @@ def test_batch_divisibility_and_gpu_budget():
         compose_config(["experiment=debug_cpu", "trainer.prompts_per_step=3", "rollout.group_size=5", "learner.num_workers=2"])
     with pytest.raises(ConfigError, match="rollout.num_workers"):
         compose_config(["experiment=debug_cpu", "trainer.prompts_per_step=3", "rollout.num_workers=2"])
-    with pytest.raises(ConfigError, match=r"64 \+ learner 64|= 128 GPUs"):
-        compose_config(["experiment=research_qwen2.5_7b_instruct", "resources.placement=disaggregated"])
+    # GPU arithmetic: tests/test_placement.py
 
 
 def test_actors_must_fit_the_local_cluster():
