@@ -500,9 +500,30 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _check_known_keys(node: DictConfig, schema: type, prefix: str = "") -> None:
+    """Every key is a field of the schema (Hydra's ``+key=value`` can add keys the schema lacks, which
+    ``OmegaConf.to_object`` would then drop silently).
+
+    Raises:
+        ConfigError: naming the unknown key and the keys valid beside it.
+    """
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(full, f"unknown key; valid keys{' under ' + prefix.rstrip('.') if prefix else ''}: "
+                              f"{sorted(hints)}")
+        child = node._get_node(key)
+        if dataclasses.is_dataclass(hints[key]) and isinstance(child, DictConfig):
+            _check_known_keys(child, hints[key], f"{full}.")
+
+
 def load_config(cfg: DictConfig | Config) -> Config:
     """Composed DictConfig -> validated ``Config`` object (runs every ``__post_init__`` and ``validate``)."""
     if isinstance(cfg, DictConfig):
+        _check_known_keys(cfg, Config)
         OmegaConf.resolve(cfg)
         cfg = OmegaConf.to_object(cfg)
     if not isinstance(cfg, Config):

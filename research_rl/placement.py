@@ -249,13 +249,16 @@ def where() -> dict:
 
 
 def write_report(path: str | Path, cfg: Config, roles: dict[str, list[dict]]) -> str:
-    """Write ``placement.json`` (mode, pools, and per role the ``where()`` of each worker) and return a short
-    human-readable table of the nodes each role landed on."""
+    """Write ``placement.json`` (mode, Ray namespace, the nodes with their CPU/GPU resources, and per role the
+    ``where()`` of each worker) and return a short table of the nodes each role landed on."""
     import ray
 
-    ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
-    report = {"mode": cfg.placement.mode, "gpu_resource": cfg.placement.gpu_resource,
-              "nodes": {nid: ip for nid, ip in ips.items()}, "roles": roles}
+    nodes = {n["NodeID"]: {"ip": n["NodeManagerAddress"],
+                           "resources": {k: v for k, v in n["Resources"].items()
+                                         if k in ("CPU", "GPU", cfg.placement.gpu_resource)}}
+             for n in ray.nodes() if n.get("Alive")}
+    report = {"mode": cfg.placement.mode, "gpu_resource": cfg.placement.gpu_resource, "namespace": cfg.ray.namespace,
+              "nodes": nodes, "roles": roles}
     Path(path).write_text(json.dumps(report, indent=2))
     lines = ["placement:"]
     for role, workers in roles.items():

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-EXCLUDES = [".git", ".venv", "venv*", ".ruff_cache", "outputs", "multirun", "artifacts", ".pytest_cache", "**/__pycache__",
+EXCLUDES = [".git", ".venv", "venv*", ".ruff_cache", "outputs", "multirun", "artifacts", "data/full", ".pytest_cache", "**/__pycache__",
             "*.egg-info", "wandb", "*.log"]
 ENV_PASSTHROUGH = ("HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "WANDB_API_KEY", "WANDB_MODE",
                    "WANDB_ENTITY", "TOKENIZERS_PARALLELISM", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME",

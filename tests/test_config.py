@@ -34,6 +34,11 @@ def test_paper_settings_in_7b_experiment():
 
 @pytest.mark.parametrize("override, key", [
     ("rollout.group_sise=4", "group_sise"),            # unknown key
+    ("+rollout.group_sise=4", "rollout.group_sise"),   # an unknown key added with Hydra's +
+    ("+tracer.level=1", "tracer"),
+    ("placement.mode=hybrid", "placement.mode"),
+    ("placement.strategy=pack", "placement.strategy"),
+    ("reference.placement=remote", "reference.placement"),
     ("rollout.group_size=many", "rollout.group_size"),  # wrong type
     ("rollout.group_size=1", "rollout.group_size"),     # GRPO needs >= 2
     ("model.template=chat", "model.template"),

@@ -1,0 +1,60 @@
+"""The job the submitter builds (entrypoint, runtime environment, paths) and its refusals before submitting.
+Real submissions to a two-node cluster are in tests/test_cluster.py."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+
+from research_rl import submit
+
+pytestmark = pytest.mark.unit
+
+
+def test_job_runs_train_with_the_overrides_and_uploads_the_repo_without_heavy_dirs(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", "/shared/hf")
+    for name in submit.ENV_PASSTHROUGH:
+        if name != "HF_HOME":
+            monkeypatch.delenv(name, raising=False)
+    job = submit.build_job("debug_cpu", ["trainer.total_steps=3", "ray.address=10.0.0.1:6379"],
+                           storage=str(tmp_path), env=["NCCL_DEBUG=INFO"])
+    args = shlex.split(job.entrypoint)
+    assert args[:5] == ["python", "-m", "research_rl.train", "experiment=debug_cpu", "ray.address=auto"]
+    assert "trainer.total_steps=3" in args and "ray.address=10.0.0.1:6379" not in args
+    # the output directory goes to the storage every node sees; excluded inputs are read where they are
+    assert f"trainer.output_dir={tmp_path}/outputs/debug_cpu" in args
+    assert f"model.path={submit.ROOT}/artifacts/debug_model" in args
+    assert not any(a.startswith("data.") for a in args)  # the shipped data travels with the job
+    env = job.runtime_env
+    assert env["working_dir"] == str(submit.ROOT)
+    assert {".git", ".venv", "outputs", "artifacts", "data/full"} <= set(env["excludes"])
+    assert env["env_vars"] == {"HF_HOME": "/shared/hf", "NCCL_DEBUG": "INFO"}
+    assert "pip" not in env and job.submission_id.startswith("research-rl-debug_cpu-")
+    assert any("trainer.output_dir" in n for n in job.notes)
+
+
+def test_print_mode_gives_submit_sh_the_job(capsys):
+    assert submit.main(["--print", "debug_cpu", "trainer.total_steps=2", "--pip", "wandb"]) == 0
+    job_id, runtime_env, entrypoint = capsys.readouterr().out.splitlines()
+    assert job_id.startswith("research-rl-debug_cpu-")
+    assert json.loads(runtime_env)["pip"] == ["wandb"]
+    assert "trainer.total_steps=2" in shlex.split(entrypoint)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["debug_cpu", "trainer.totl_steps=2", "--address", "http://127.0.0.1:9"], "trainer.totl_steps"),
+    (["no_such_experiment", "--address", "http://127.0.0.1:9"], "no_such_experiment"),
+    (["debug_cpu", "--env", "NOVALUE", "--address", "http://127.0.0.1:9"], "KEY=VALUE"),
+])
+def test_bad_input_fails_before_anything_is_submitted(argv, message, capsys):
+    """Exit 2 with the reason; the address points nowhere, so reaching it would fail differently."""
+    assert submit.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_no_address_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert submit.main(["debug_cpu"]) == 2
+    assert "RAY_ADDRESS" in capsys.readouterr().err
