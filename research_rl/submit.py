@@ -95,6 +95,22 @@ def build_job(experiment: str, overrides: list[str], storage: str | None = None,
     return Job(f"research-rl-{experiment}-{stamp}-{os.getpid()}", shlex.join(entry), runtime_env, notes)
 
 
+AGENT_WAIT_S = 120.0  # a freshly started head answers "No available agent to submit job" for a while
+
+
+def submit_with_retry(client, wait_s: float, **kwargs) -> str:
+    """``client.submit_job(**kwargs)``, retried for up to ``wait_s`` seconds while the head's job agent is not up
+    yet (a cluster that has just started); any other error is raised at once."""
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(2)
+
+
 async def _follow(client, job_id: str) -> None:
     async for lines in client.tail_job_logs(job_id):
         print(lines, end="", flush=True)
@@ -108,7 +124,7 @@ def submit(job: Job, address: str, wait: bool = True) -> str:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(entrypoint=job.entrypoint, runtime_env=job.runtime_env,
+    job_id = submit_with_retry(client, AGENT_WAIT_S, entrypoint=job.entrypoint, runtime_env=job.runtime_env,
                                submission_id=job.submission_id)
     print(f"submitted job {job_id} to {address}\n"
           f"  logs:   ray job logs --address {address} --follow {job_id}\n"

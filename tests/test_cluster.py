@@ -44,11 +44,12 @@ def two_nodes():
     procs = [head]
     try:
         address = f"http://127.0.0.1:{dash}"
-        _wait(lambda: _dashboard_up(address), 90, "the head's job server")
+        _wait(lambda: _dashboard_up(address), 240, "the head's job server")
         procs.append(subprocess.Popen([str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=4",
                                        '--resources={"fake_gpu": 2}', *common[:-2]],
                                       env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        _wait(lambda: _node_count(gcs) == 2, 90, "the worker node")
+        _wait(lambda: _node_count(gcs) == 2, 240, "the worker node")
+        _wait_for_job_agent(address)
         yield address
     finally:
         for p in reversed(procs):
@@ -76,6 +77,17 @@ def _dashboard_up(address: str) -> bool:
         return requests.get(f"{address}/api/version", timeout=2).ok
     except requests.RequestException:
         return False
+
+
+def _wait_for_job_agent(address: str) -> None:
+    """The head's job agent starts after its dashboard; `ray job submit` fails until it is up."""
+    from ray.job_submission import JobSubmissionClient
+
+    from research_rl.submit import submit_with_retry
+
+    client = JobSubmissionClient(address)
+    job = submit_with_retry(client, 300, entrypoint="true")
+    _wait(lambda: client.get_job_status(job).is_terminal(), 120, "a probe job")
 
 
 def _node_count(gcs_port: int) -> int:
