@@ -101,11 +101,10 @@ class GRPOTrainer:
         init_path = self.run_dir / "warmup_model" if cfg.warmup.enabled else Path(cfg.model.path)
         if cfg.warmup.enabled and not ckpt.is_valid_model_dir(init_path):
             self._warmup(init_path)
-        policy_path = resume_from / "model" if resume_from else init_path
-        self._call_learners("load_policy", str(policy_path))
+        self._call_learners("load_policy", str(init_path))
         self._call_learners("load_reference", str(init_path))
-        if resume_from:
-            self._call_learners("load_optimizer", str(resume_from / "optimizer.pt"))
+        if resume_from:  # the exact sharded model and optimizer state, over the policy just loaded
+            self._call_learners("load_checkpoint", str(resume_from / ckpt.SHARDED))
             self._restore(ckpt.load_state(resume_from))
             print(f"resumed from {resume_from} at step {self.step}")
         self.probe_sequence = self.train_prompts[0][1] + self.tokenizer.encode(
@@ -165,8 +164,9 @@ class GRPOTrainer:
         if mode == "auto":
             return ckpt.latest_valid(self.run_dir)
         path = Path(mode)
-        if not ckpt.is_valid(path):
-            raise FileNotFoundError(f"trainer.resume={mode} is not a complete checkpoint directory")
+        reason = ckpt.check(path)
+        if reason is not None:
+            raise FileNotFoundError(f"trainer.resume={mode} is not a complete checkpoint directory: {reason}")
         return path
 
     def _seed(self, seed: int) -> None:
@@ -252,7 +252,7 @@ class GRPOTrainer:
                 self.logger.log(-1, {**m, "warmup/step": i}, console=False)
         tmp = out_dir.parent / f".tmp-{out_dir.name}"
         shutil.rmtree(tmp, ignore_errors=True)
-        self._call_learners("save", str(tmp), None, self.cfg.model.path)
+        self._call_learners("save_hf", str(tmp), self.cfg.model.path)
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)
         self.summary["warmup_seconds"] = round(time.time() - t0, 1)
@@ -282,7 +282,7 @@ class GRPOTrainer:
             batch = self._batch([t for _, t in trajs])
             with timed("logprobs", timings):
                 parts = ray.get([w.compute_log_probs.remote(b) for w, b in zip(self.learners, self._shard(batch))])
-                for key in ("old_log_probs", "ref_log_probs"):
+                for key in parts[0]:
                     batch[key] = torch.cat([p[key] for p in parts])
             with timed("advantages", timings):
                 scores = torch.tensor([r.score for r in rewards], dtype=torch.float32)  # [B*G]
@@ -317,7 +317,7 @@ class GRPOTrainer:
             self.logger.log(self.step, self.summary["val_last"])
             if self.step > 0 and self._is_new_best(self.summary["val_last"]):
                 self.save_best()
-        if not ckpt.is_valid(ckpt.checkpoint_dir(self.run_dir, self.step)):
+        if not ckpt.checkpoint_dir(self.run_dir, self.step).is_dir():  # only committed checkpoints get this name
             self.save()
         return self.finish()
 
@@ -459,8 +459,11 @@ class GRPOTrainer:
 
     # ================================================================= checkpoints
     def _write_checkpoint(self, tmp: Path) -> dict:
-        """Model and optimizer into ``tmp`` (through the learners); returns the trainer state to commit with them."""
-        self._call_learners("save", str(tmp / "model"), str(tmp / "optimizer.pt"), self.cfg.model.path)
+        """The learners' sharded state (and, with ``trainer.save_hf_model``, an HF ``model/``) into ``tmp``;
+        returns the trainer state to commit with them."""
+        self._call_learners("save_checkpoint", str(tmp / ckpt.SHARDED), self.cfg.model.path)
+        if self.cfg.trainer.save_hf_model:
+            self._call_learners("save_hf", str(tmp / "model"), self.cfg.model.path)
         return {
             "step": self.step, "policy_version": self.step, "data_cursor": self.stream.state_dict(),
             "rng": {"python": list(random.getstate()[1]), "numpy": np.random.get_state()[1].tolist(),
@@ -476,7 +479,7 @@ class GRPOTrainer:
         """The current policy as ``checkpoints/best``: hard links to this step's checkpoint when it was saved,
         otherwise written through the learners."""
         step_dir = ckpt.checkpoint_dir(self.run_dir, self.step)
-        if ckpt.is_valid(step_dir):
+        if step_dir.is_dir():  # committed this step
             return ckpt.commit_best(ckpt.begin_best(self.run_dir, step_dir))
         tmp = ckpt.begin_best(self.run_dir)
         return ckpt.commit_best(tmp, self._write_checkpoint(tmp))
