@@ -132,6 +132,24 @@ def latest_valid(run_dir: str | Path) -> Path | None:
     return None
 
 
+def cut_buckets(named_tensors, bucket_mb: float):
+    """Group a stream of ``(name, tensor)`` into dicts of at most ``bucket_mb`` MiB as it arrives (a tensor larger
+    than that gets a bucket of its own); ``None`` tensors (ranks that hold no copy) are skipped."""
+    limit = bucket_mb * 2**20
+    current, size = {}, 0
+    for name, tensor in named_tensors:
+        if tensor is None:
+            continue
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > limit:
+            yield current
+            current, size = {}, 0
+        current[name] = tensor
+        size += nbytes
+    if current:
+        yield current
+
+
 def write_hf_model(path: str | Path, buckets, config, generation_config=None, tokenizer=None) -> Path:
     """Write a Hugging Face model directory from an iterable of ``{name: CPU tensor}`` buckets, one safetensors
     shard per bucket as it arrives (never the whole model in memory at once), plus ``config.json``, the generation

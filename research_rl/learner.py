@@ -350,19 +350,9 @@ class Learner:
 
         A generator: rank 0 yields the buckets; other ranks yield nothing but must still exhaust it, since every
         tensor is gathered collectively."""
-        limit = bucket_mb * 2**20
-        current, size = {}, 0
-        for name, tensor in self._policy_tensors():
-            if tensor is None:
-                continue
-            nbytes = tensor.numel() * tensor.element_size()
-            if current and size + nbytes > limit:
-                yield current
-                current, size = {}, 0
-            current[name] = tensor
-            size += nbytes
-        if current:
-            yield current
+        from research_rl.checkpoint import cut_buckets
+
+        yield from cut_buckets(self._policy_tensors(), bucket_mb)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full policy weights on CPU in one dict (rank 0; empty on other ranks). Every rank must call it."""
