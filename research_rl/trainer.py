@@ -92,6 +92,8 @@ class GRPOTrainer:
                                   f"or trainer.output_dir=NEW_DIR to start a new one")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "rollouts").mkdir(exist_ok=True)
+        if resume_from:
+            self._drop_metrics_after(ckpt.load_state(resume_from)["step"])
         self.logger = MetricsLogger(self.run_dir, cfg.trainer.logger, cfg.trainer.wandb_project, cfg.experiment_name,
                                     to_dict(cfg))
         self._seed(cfg.trainer.seed)
@@ -168,6 +170,29 @@ class GRPOTrainer:
         if reason is not None:
             raise FileNotFoundError(f"trainer.resume={mode} is not a complete checkpoint directory: {reason}")
         return path
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """Remove ``metrics.jsonl`` rows of steps after ``step`` (and a last line cut short by a kill): an interrupted
+        run logged them after its last checkpoint, and the resumed run trains those steps again (so each step keeps
+        one row)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+
+        def row_step(line: str) -> int | None:
+            try:
+                return int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                return None
+
+        lines = path.read_text().splitlines(keepends=True)
+        keep = [line for line in lines if (s := row_step(line)) is not None and s <= step]
+        if len(keep) < len(lines):
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(keep))
+            tmp.replace(path)
+            print(f"metrics.jsonl: dropped {len(lines) - len(keep)} rows logged after step {step} by the interrupted "
+                  "run (those steps are trained again)")
 
     def _seed(self, seed: int) -> None:
         random.seed(seed)
