@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from research_rl import grpo
+from research_rl.checkpoint import cut_buckets, write_hf_model
 from research_rl.config import AlgoConfig, LearnerConfig
 
 BACKEND_FILE = "learner.json"  # in a sharded checkpoint: which backend wrote it, at what world size
@@ -143,9 +144,9 @@ class Learner:
         a non-finite norm skips it)."""
         raise NotImplementedError
 
-    def _full_tensors(self, model) -> Iterator[tuple[str, torch.Tensor | None]]:
-        """Every parameter and persistent buffer, unsharded, one gather at a time: ``(name, CPU tensor)`` on rank 0,
-        ``(name, None)`` on other ranks. Every rank must consume it (collectives)."""
+    def _full_tensors(self, model, skip: set[str]) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """Every parameter and persistent buffer but those named in ``skip``, unsharded, one gather at a time:
+        ``(name, CPU tensor)`` on rank 0, ``(name, None)`` on other ranks. Every rank must consume it (collectives)."""
         raise NotImplementedError
 
     def _save_sharded(self, path: Path) -> None:
@@ -338,11 +339,6 @@ class Learner:
         return {k: v / self.world_size for k, v in zip(keys, values)}
 
     # ================================================================ weights
-    def _policy_tensors(self) -> Iterator[tuple[str, torch.Tensor | None]]:
-        for name, tensor in self._full_tensors(self.policy):
-            if name not in self._aliases:
-                yield name, tensor
-
     def weight_buckets(self, bucket_mb: int) -> Iterator[dict[str, torch.Tensor]]:
         """Full (unsharded) policy weights on CPU, cut into buckets of at most ``bucket_mb`` MiB as they are
         gathered (a tensor larger than that gets a bucket of its own), so the full model never exists twice on
@@ -350,9 +346,7 @@ class Learner:
 
         A generator: rank 0 yields the buckets; other ranks yield nothing but must still exhaust it, since every
         tensor is gathered collectively."""
-        from research_rl.checkpoint import cut_buckets
-
-        yield from cut_buckets(self._policy_tensors(), bucket_mb)
+        yield from cut_buckets(self._full_tensors(self.policy, skip=self._aliases), bucket_mb)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full policy weights on CPU in one dict (rank 0; empty on other ranks). Every rank must call it."""
@@ -373,8 +367,6 @@ class Learner:
     def save_hf(self, path: str | Path, tokenizer=None, shard_mb: int = 4096) -> None:
         """Write the policy as a Hugging Face model directory, streaming ``shard_mb``-MiB safetensors shards (rank 0
         writes; every rank must call)."""
-        from research_rl.checkpoint import write_hf_model
-
         buckets = self.weight_buckets(shard_mb)
         if self.rank == 0:
             write_hf_model(path, buckets, self.hf_config, self.generation_config, tokenizer)
@@ -471,11 +463,13 @@ class FSDP2Learner(Learner):
             self.optimizer.step()
         return norm, math.isfinite(norm)
 
-    def _full_tensors(self, model) -> Iterator[tuple[str, torch.Tensor | None]]:
+    def _full_tensors(self, model, skip: set[str]) -> Iterator[tuple[str, torch.Tensor | None]]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
         from torch.distributed.tensor import DTensor
 
         for name, t in get_model_state_dict(model).items():  # sharded: one DTensor per parameter, canonical names
+            if name in skip:
+                continue
             if isinstance(t, DTensor):
                 if t.device.type != self.mesh.device_type:  # an offloaded shard: gather on the mesh's device
                     t = t.to(self.mesh.device_type)

@@ -96,6 +96,8 @@ class DeepSpeedLearner(Learner):
         if self.cfg.zero_stage == 3:  # partitioned like the policy; ZeRO-3 offloads parameters itself
             engine, *_ = deepspeed.initialize(model=model, config=self._config(False, offload_params=offload))
             return engine
+        if self.device.type == "cuda":  # the policy computes in param_dtype under DeepSpeed bf16/fp16; so does this
+            model.to(self.param_dtype)
         return model.to("cpu" if offload else self.device)  # ZeRO-2 replicates parameters: a plain module
 
     @contextlib.contextmanager
@@ -119,11 +121,12 @@ class DeepSpeedLearner(Learner):
         norm = float("nan") if norm is None else float(norm)
         return norm, bool(self.policy.was_step_applied()) and norm == norm
 
-    def _full_tensors(self, model) -> Iterator[tuple[str, torch.Tensor | None]]:
+    def _full_tensors(self, model, skip: set[str]) -> Iterator[tuple[str, torch.Tensor | None]]:
         module = model.module if hasattr(model, "module") else model
-        seen: set[int] = set()
+        seen: set[int] = set()  # a tied parameter is gathered once, under its first name
         for prefix, m in module.named_modules():
-            own = [(n, p) for n, p in m.named_parameters(recurse=False) if id(p) not in seen]
+            own = [(n, p) for n, p in m.named_parameters(recurse=False)
+                   if id(p) not in seen and (f"{prefix}.{n}" if prefix else n) not in skip]
             if not own:
                 continue
             seen.update(id(p) for _, p in own)
@@ -132,7 +135,8 @@ class DeepSpeedLearner(Learner):
                     name = f"{prefix}.{n}" if prefix else n
                     yield name, (p.detach().to("cpu", copy=True) if self.rank == 0 else None)
         for name, b in _persistent_buffers(module):
-            yield name, (b.detach().to("cpu", copy=True) if self.rank == 0 else None)
+            if name not in skip:
+                yield name, (b.detach().to("cpu", copy=True) if self.rank == 0 else None)
 
     def _backend_info(self) -> dict:
         return {**super()._backend_info(), "zero_stage": self.cfg.zero_stage}

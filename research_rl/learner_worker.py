@@ -13,6 +13,7 @@ from research_rl.learner import learner_class, set_torch_threads
 
 
 def _tokenizer(path: str | None):
+    """The tokenizer to save beside the weights (rank 0 writes files; other ranks need none)."""
     if not path:
         return None
     from transformers import AutoTokenizer
@@ -65,11 +66,11 @@ class LearnerWorker:
 
     def save_hf(self, model_dir: str, tokenizer_path: str | None) -> None:
         """The policy as an HF model directory (rank 0 writes)."""
-        self.learner.save_hf(model_dir, _tokenizer(tokenizer_path))
+        self.learner.save_hf(model_dir, _tokenizer(tokenizer_path) if self.learner.rank == 0 else None)
 
     def save_checkpoint(self, path: str, tokenizer_path: str | None) -> None:
         """Sharded policy and optimizer state (every rank writes its shards)."""
-        self.learner.save_checkpoint(path, _tokenizer(tokenizer_path))
+        self.learner.save_checkpoint(path, _tokenizer(tokenizer_path) if self.learner.rank == 0 else None)
 
     def load_checkpoint(self, path: str) -> None:
         self.learner.load_checkpoint(path)

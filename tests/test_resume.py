@@ -1,8 +1,8 @@
 """Exact resume through the real entry point (``python -m research_rl.train`` as a subprocess, local Ray cluster,
 BM25 retriever, tiny model with a short warm-up, 2 DeepSpeed ZeRO-3 learner ranks; deterministic CPU settings):
 a run killed with SIGKILL in the middle and resumed with ``resume=auto`` logs the same per-step metrics as the
-uninterrupted run; a resume exactly at an epoch boundary trains the remaining steps; a truncated newest checkpoint
-is skipped with a message naming the file and the run resumes from the previous one. (FSDP2 goes through the same
+uninterrupted run; a truncated newest checkpoint is skipped with a message naming the file and the run resumes
+from the previous one; a resume exactly at an epoch boundary trains the remaining steps. (FSDP2 goes through the same
 driver code: tests/test_e2e.py resumes it; tests/test_learner_dist.py restores both backends' state bit for bit.)
 
 The train file holds 4 questions and a step takes 2, so an epoch is 2 steps and every run crosses epochs. Metrics
@@ -79,13 +79,13 @@ def _train_until_killed(overrides: list[str], run_dir: Path, after: str, timeout
     assert proc.returncode == -signal.SIGKILL
 
 
-def test_kill_resume_epoch_boundary_and_damaged_checkpoint(debug_model_dir, bm25_index, train_file, tmp_path):
+def test_kill_resume_damaged_checkpoint_and_epoch_boundary(debug_model_dir, bm25_index, train_file, tmp_path):
     """2 DeepSpeed ZeRO-3 learner ranks, 6 steps = 3 epochs, against an uninterrupted run of the same config.
 
-    (a) Killed after its step-2 checkpoint and resumed for 4 steps: steps after the checkpoint equal the
-        uninterrupted run's. (c) That run ended exactly at the end of epoch 2; resumed for 6 steps it trains
-        steps 5 and 6 (not zero steps), equal to the uninterrupted run's. (b) Its newest checkpoint (step 6)
-        truncated: the next run says which file is wrong, resumes from step 5, and step 6 again matches."""
+    (a) + (b) Killed after its step-2 checkpoint; its newest checkpoint then truncated: resume=auto says which file
+        is wrong, resumes from the checkpoint before it, and the steps after that equal the uninterrupted run's.
+    (c) That run was resumed for 4 steps, so it ended exactly at the end of epoch 2; resumed for 6 it trains steps
+        5 and 6 (not zero steps), again equal to the uninterrupted run's."""
     from research_rl import checkpoint
 
     config = ("learner.num_workers=2", "learner.backend=deepspeed", "learner.zero_stage=3")
@@ -101,16 +101,24 @@ def test_kill_resume_epoch_boundary_and_damaged_checkpoint(debug_model_dir, bm25
     want = _steps(full)
     assert sorted(want) == [1, 2, 3, 4, 5, 6]
 
-    # (a) SIGKILL in the middle, resume=auto (the default)
+    # (a) SIGKILL in the middle of the run
     run = tmp_path / "interrupted"
     _train_until_killed(_overrides(debug_model_dir, bm25_index, run, train_file, "trainer.total_steps=6", *config),
                         run, "checkpoints/step_000002")
-    resumed_at = checkpoint.load_state(checkpoint.latest_valid(run))["step"]
-    assert 2 <= resumed_at < 4, f"(a) the kill came too late: newest checkpoint is step {resumed_at}"
+    newest = checkpoint.latest_valid(run)
+    killed_at = checkpoint.load_state(newest)["step"]
+    assert 2 <= killed_at < 4, f"the kill came too late: the newest checkpoint is step {killed_at}"
+
+    # (b) truncate a ZeRO optimizer shard of the newest checkpoint; the previous one (keep_last=2) is intact
+    shard = sorted((newest / "sharded" / "state").glob("*optim_states.pt"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    resumed_at = killed_at - 1
     proc = train(run, 4)
+    assert f"checkpoint {newest} is invalid: {shard.relative_to(newest)} has" in proc.stderr, proc.stderr[-3000:]
+    assert "(truncated); trying the previous one" in proc.stderr
     assert f"resumed from {checkpoint.checkpoint_dir(run, resumed_at)} at step {resumed_at}" in proc.stdout
     got = _steps(run)
-    assert sorted(got) == [1, 2, 3, 4], "(a)"
+    assert sorted(got) == [1, 2, 3, 4]
     for step in range(resumed_at + 1, 5):
         _same_metrics(got[step], want[step], step)
 
@@ -124,15 +132,3 @@ def test_kill_resume_epoch_boundary_and_damaged_checkpoint(debug_model_dir, bm25
     for step in (5, 6):
         _same_metrics(got[step], want[step], step)
     assert [got[s]["train/epoch"] for s in (4, 5, 6)] == [2.0, 2.5, 3.0]
-
-    # (b) truncate a file of the newest checkpoint: the run falls back to step 5 and says why
-    newest = checkpoint.checkpoint_dir(run, 6)
-    shard = sorted((newest / "sharded" / "state").glob("*optim_states.pt"))[-1]
-    shard.write_bytes(shard.read_bytes()[:-100])
-    proc = train(run, 6)
-    rel = shard.relative_to(newest)
-    assert f"checkpoint {newest} is invalid: {rel} has" in proc.stderr, proc.stderr[-3000:]
-    assert "(truncated); trying the previous one" in proc.stderr
-    assert f"resumed from {checkpoint.checkpoint_dir(run, 5)} at step 5" in proc.stdout
-    _same_metrics(_steps(run)[6], want[6], 6)
-    assert checkpoint.is_valid(newest)  # written again by the resumed run
