@@ -124,7 +124,9 @@ class Learner:
         self.optimizer: torch.optim.Optimizer | None = None  # the torch optimizer (the backend may wrap it)
         self.reference = None
         self.reference_offload = False
-        self.hf_config = None  # the policy's transformers config (for HF export)
+        self.hf_config = None  # the policy's transformers config and generation config (for HF export)
+        self.generation_config = None
+        self._aliases: set[str] = set()  # tied parameter names streamed once (lm_head.weight when tied)
 
     # ================================================================ backend hooks
     def _wrap_policy(self, model: torch.nn.Module) -> None:
