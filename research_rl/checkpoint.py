@@ -2,13 +2,21 @@
 
 Layout of ``RUN_DIR/checkpoints/step_000010/``::
 
-    model/               Hugging Face model + tokenizer (``AutoModelForCausalLM.from_pretrained`` loads it)
-    optimizer.pt         full optimizer state
+    sharded/             the learner's own sharded state (research_rl.learner.Learner.save_checkpoint):
+      learner.json         backend, world size (ZeRO stage)
+      hf/                  the model's HF config and tokenizer (what export needs besides weights)
+      dcp/                 FSDP2: torch.distributed.checkpoint of the sharded model and optimizer state dicts
+      state/               DeepSpeed: engine.save_checkpoint (model states, per-rank ZeRO optimizer partitions)
+    model/               Hugging Face model + tokenizer (trainer.save_hf_model, default on; what
+                         ``AutoModelForCausalLM.from_pretrained``, the evaluator and checkpoints/best/model use)
     trainer_state.json   step, policy version, data cursor, RNG states, summary so far, resolved config
+    manifest.json        every other file with its size and SHA-256; written last
 
-A directory only gets its final name after every file is written, so a crash mid-checkpoint leaves at most a
-``.tmp-*`` directory, which is ignored and cleaned up. Loading validates the state file and the model weights
-are present; an invalid newest checkpoint is skipped with a warning.
+Resuming reads ``sharded/`` (exact model and optimizer state), never ``model/``. A directory only gets its final
+name after every file and then the manifest are written, so a crash mid-checkpoint leaves at most a ``.tmp-*``
+directory, which is ignored and cleaned up. A checkpoint is valid when its manifest parses and every listed file
+is there with its size and checksum (a truncated or corrupted shard or state file fails), and the state file
+parses; ``resume=auto`` skips an invalid newest checkpoint with a warning that says why.
 
 ``RUN_DIR/checkpoints/best/`` is a complete checkpoint of the same layout: the one with the best validation metric
 (``validation.best_metric``). It is filled in ``.tmp-best`` (hard links to the step checkpoint's files when that
@@ -20,15 +28,19 @@ directory, so pruning and ``resume=auto`` ignore it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
+SHARDED = "sharded"  # the learner's sharded state
 BEST = "best"
 
 
@@ -43,15 +55,62 @@ def is_valid_model_dir(path: str | Path) -> bool:
     return (path / "config.json").is_file() and bool(weights) and all(w.stat().st_size > 0 for w in weights)
 
 
-def is_valid(path: str | Path) -> bool:
-    """A complete checkpoint: parseable state with a step, a model directory, optimizer state."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(path: str | Path) -> dict:
+    """List every file under ``path`` (but the manifest) with its size and SHA-256 in ``manifest.json``, written
+    last and atomically. Files are hashed on a few threads (hashlib releases the GIL). Returns the manifest."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(_sha256, files))
+    manifest = {"files": {str(p.relative_to(path)): {"bytes": p.stat().st_size, "sha256": d}
+                          for p, d in zip(files, digests)}}
+    tmp = path / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.rename(path / MANIFEST)
+    return manifest
+
+
+def check(path: str | Path, checksums: bool = True) -> str | None:
+    """Why ``path`` is not a complete checkpoint, or None when it is one.
+
+    Complete: ``manifest.json`` parses; every file it lists exists with the listed size and (with ``checksums``,
+    which reads every byte) SHA-256; it lists the state file and the sharded state's ``learner.json``; the state
+    file parses with an integer ``step``.
+    """
     path = Path(path)
     try:
-        state = json.loads((path / STATE_FILE).read_text())
-        int(state["step"])
+        files = json.loads((path / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return is_valid_model_dir(path / "model") and (path / "optimizer.pt").is_file()
+        return f"no readable {MANIFEST} (the checkpoint was not finished)"
+    for required in (STATE_FILE, f"{SHARDED}/learner.json"):
+        if required not in files:
+            return f"{MANIFEST} does not list {required}"
+    for rel, entry in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != entry["bytes"]:
+            return f"{rel} has {f.stat().st_size} bytes, the manifest says {entry['bytes']} (truncated)"
+        if checksums and _sha256(f) != entry["sha256"]:
+            return f"{rel} does not match its SHA-256 in the manifest (corrupt)"
+    try:
+        int(json.loads((path / STATE_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{STATE_FILE} has no step"
+    return None
+
+
+def is_valid(path: str | Path) -> bool:
+    """A complete checkpoint (``check`` finds nothing wrong)."""
+    return check(path) is None
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -66,10 +125,62 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def latest_valid(run_dir: str | Path) -> Path | None:
     """The newest valid checkpoint; invalid newer ones are reported and skipped."""
     for path in reversed(list_checkpoints(run_dir)):
-        if is_valid(path):
+        reason = check(path)
+        if reason is None:
             return path
-        warnings.warn(f"checkpoint {path} is incomplete or corrupt; trying the previous one", stacklevel=2)
+        warnings.warn(f"checkpoint {path} is invalid: {reason}; trying the previous one", stacklevel=2)
     return None
+
+
+def cut_buckets(named_tensors, bucket_mb: float):
+    """Group a stream of ``(name, tensor)`` into dicts of at most ``bucket_mb`` MiB as it arrives (a tensor larger
+    than that gets a bucket of its own); ``None`` tensors (ranks that hold no copy) are skipped."""
+    limit = bucket_mb * 2**20
+    current, size = {}, 0
+    for name, tensor in named_tensors:
+        if tensor is None:
+            continue
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > limit:
+            yield current
+            current, size = {}, 0
+        current[name] = tensor
+        size += nbytes
+    if current:
+        yield current
+
+
+def write_hf_model(path: str | Path, buckets, config, generation_config=None, tokenizer=None) -> Path:
+    """Write a Hugging Face model directory from an iterable of ``{name: CPU tensor}`` buckets, one safetensors
+    shard per bucket as it arrives (never the whole model in memory at once), plus ``config.json``, the generation
+    config and the tokenizer when given. One bucket → ``model.safetensors``; more → ``model-0000i-of-0000n`` shards
+    and ``model.safetensors.index.json``, as ``save_pretrained`` writes them. Returns ``path``.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    parts, weight_map, total = [], {}, 0
+    for i, bucket in enumerate(buckets):
+        part = path / f".part-{i:05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in bucket.items()}, str(part), metadata={"format": "pt"})
+        parts.append((part, list(bucket)))
+        total += sum(v.numel() * v.element_size() for v in bucket.values())
+    if len(parts) == 1:
+        parts[0][0].rename(path / "model.safetensors")
+    for i, (part, names) in enumerate(parts if len(parts) > 1 else []):
+        name = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+        part.rename(path / name)
+        weight_map.update(dict.fromkeys(names, name))
+    if weight_map:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.save_pretrained(str(path))
+    if generation_config is not None:
+        generation_config.save_pretrained(str(path))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+    return path
 
 
 def begin(run_dir: str | Path, step: int) -> Path:
@@ -83,8 +194,10 @@ def begin(run_dir: str | Path, step: int) -> Path:
 
 
 def commit(tmp: Path, state: dict, keep_last: int) -> Path:
-    """Write the state file, rename ``tmp`` to its final name, prune to the newest ``keep_last``."""
+    """Write the state file and then the manifest, rename ``tmp`` to its final name, prune to the newest
+    ``keep_last``."""
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+    write_manifest(tmp)
     final = tmp.parent / tmp.name.removeprefix(".tmp-")
     if final.exists():
         shutil.rmtree(final)
@@ -125,8 +238,9 @@ def begin_best(run_dir: str | Path, source: str | Path | None = None) -> Path:
     if source is None:
         tmp.mkdir(parents=True)
     else:
-        if not is_valid(source):
-            raise ValueError(f"{source} is not a complete checkpoint; cannot make it the best one")
+        reason = check(source, checksums=False)
+        if reason is not None:
+            raise ValueError(f"{source} is not a complete checkpoint ({reason}); cannot make it the best one")
         shutil.copytree(source, tmp, copy_function=_link_or_copy)
     return tmp
 
@@ -139,8 +253,10 @@ def commit_best(tmp: Path, state: dict | None = None) -> Path:
     """
     if state is not None:
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-    if not is_valid(tmp):
-        raise ValueError(f"{tmp} is not a complete checkpoint (model, optimizer.pt, {STATE_FILE}); best not updated")
+        write_manifest(tmp)
+    reason = check(tmp, checksums=False)  # the files were just written or linked from a checked checkpoint
+    if reason is not None:
+        raise ValueError(f"{tmp} is not a complete checkpoint ({reason}); best not updated")
     final = tmp.parent / BEST
     old = tmp.parent / f".old-{BEST}"
     if old.exists():

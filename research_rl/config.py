@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 TEMPLATES = ("base", "instruct")
 ROLLOUT_ENGINES = ("hf", "vllm")
-LEARNER_BACKENDS = ("fsdp2",)
+LEARNER_BACKENDS = ("fsdp2", "deepspeed")
 RETRIEVER_KINDS = ("bm25", "dense")
 PLACEMENTS = ("colocated", "disaggregated")
 PG_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -194,7 +194,19 @@ class AlgoConfig:
 
 @dataclass
 class LearnerConfig:
-    backend: str = "fsdp2"
+    """The learner ranks (DESIGN: Learner; docs/learner.md).
+
+    ``backend``: ``fsdp2`` (``fully_shard`` per decoder layer) or ``deepspeed`` (ZeRO ``zero_stage`` 2 or 3; needs
+    ``pip install -e '.[deepspeed]'``); both take the same keys. ``cpu_offload`` keeps sharded parameters,
+    gradients and optimizer state on CPU (FSDP2 ``CPUOffloadPolicy``; DeepSpeed optimizer and, under ZeRO-3,
+    parameter offload). Micro-batches hold ``micro_batch_size`` trajectories, or, with
+    ``max_tokens_per_micro_batch`` set, as many as fit that many padded tokens (rows × longest row), grouped by
+    length; either way the update is the token-mean over the whole batch.
+    """
+
+    backend: str = "fsdp2"  # fsdp2 | deepspeed
+    zero_stage: int = 3  # deepspeed only: 2 (shard optimizer state and gradients) or 3 (and parameters)
+    cpu_offload: bool = False
     num_workers: int = 1  # ranks of one torch.distributed group
     num_cpus_per_worker: float = 1.0
     num_gpus_per_worker: float = 0.0
@@ -203,15 +215,19 @@ class LearnerConfig:
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
-    micro_batch_size: int = 8  # trajectories per forward/backward
+    micro_batch_size: int = 8  # trajectories per forward/backward (when max_tokens_per_micro_batch is null)
+    max_tokens_per_micro_batch: Optional[int] = None  # padded tokens per forward/backward; null = micro_batch_size
     weight_sync_bucket_mb: int = 64
 
     def __post_init__(self) -> None:
         _one_of("learner.backend", self.backend, LEARNER_BACKENDS)
+        _one_of("learner.zero_stage", self.zero_stage, (2, 3))
         _positive("learner.num_workers", self.num_workers)
         _positive("learner.lr", self.lr)
         _positive("learner.grad_clip", self.grad_clip)
         _positive("learner.micro_batch_size", self.micro_batch_size)
+        if self.max_tokens_per_micro_batch is not None:
+            _positive("learner.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch)
         _positive("learner.weight_sync_bucket_mb", self.weight_sync_bucket_mb)
         if len(self.betas) != 2:
             raise ConfigError("learner.betas", f"expected two values, got {self.betas}")
@@ -281,6 +297,7 @@ class TrainerConfig:
     max_minutes: Optional[float] = None  # stop (with a checkpoint) after this much training time
     save_every: int = 10
     keep_last: int = 2
+    save_hf_model: bool = True  # also write a Hugging Face model/ into each checkpoint (best/model, the evaluator)
     resume: str = "auto"  # auto | never | PATH to a checkpoint directory
     seed: int = 42
     rollouts_to_log: int = -1  # trajectories dumped per step (-1: all)
@@ -495,6 +512,12 @@ def validate(cfg: Config) -> Config:
                 + (f" + reference {ref.num_workers} × {ref.num_cpus_per_worker:g}" if ref_cpus else "")
                 + f" = {demand:g} CPUs but the local cluster has {cpus}; raise ray.num_cpus (logical CPUs may "
                 "exceed cores: rollout and learner take turns) or lower the shares")
+    if cfg.learner.backend == "deepspeed":
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("learner.backend", "deepspeed is not installed; install it with: "
+                              "pip install -e '.[deepspeed]' (or use learner.backend=fsdp2)")
     if cfg.rollout.engine == "vllm" and cfg.rollout.num_gpus_per_worker <= 0:
         raise ConfigError("rollout.num_gpus_per_worker", "rollout.engine=vllm runs on GPUs; set a GPU share per worker")
     return cfg

@@ -1,4 +1,5 @@
-"""Ray shell of the learner role: one rank of the torch.distributed group, delegating to ``Learner``."""
+"""Ray shell of the learner role: one rank of the torch.distributed group, delegating to the ``Learner`` subclass
+of ``learner.backend`` (``FSDP2Learner`` or ``DeepSpeedLearner``)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,17 @@ import ray
 import torch
 
 from research_rl.config import AlgoConfig, LearnerConfig
-from research_rl.learner import Learner, set_torch_threads
+from research_rl.learner import learner_class, set_torch_threads
 from research_rl.placement import where
+
+
+def _tokenizer(path: str | None):
+    """The tokenizer to save beside the weights (rank 0 writes files; other ranks need none)."""
+    if not path:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 @ray.remote
@@ -18,8 +28,9 @@ class LearnerWorker:
                  gradient_checkpointing: bool):
         set_torch_threads(cfg.torch_threads)
         device = "cuda" if cfg.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
-        self.learner = Learner(cfg, algo, rank, world_size, device=device,
-                               param_dtype=getattr(torch, param_dtype), gradient_checkpointing=gradient_checkpointing)
+        self.learner = learner_class(cfg.backend)(cfg, algo, rank, world_size, device=device,
+                                                  param_dtype=getattr(torch, param_dtype),
+                                                  gradient_checkpointing=gradient_checkpointing)
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's IP and a free port, for rank 0 to host the process group."""
@@ -34,8 +45,8 @@ class LearnerWorker:
     def load_policy(self, path: str) -> None:
         self.learner.load_policy(path)
 
-    def load_reference(self, path: str) -> None:
-        self.learner.load_reference(path)
+    def load_reference(self, path: str, offload: bool = False) -> None:
+        self.learner.load_reference(path, offload)
 
     def compute_log_probs(self, batch: dict) -> dict:
         return self.learner.compute_log_probs(batch)
@@ -47,24 +58,23 @@ class LearnerWorker:
         return self.learner.sft_step(batch, lr)
 
     def weight_buckets(self, bucket_mb: int) -> list:
-        """Full weights as ObjectRefs of buckets (rank 0; other ranks take part in the gather and return [])."""
+        """Full weights as ObjectRefs of buckets, each put in the object store as soon as it is gathered (rank 0;
+        other ranks take part in the gathers and return [])."""
         return [ray.put(b) for b in self.learner.weight_buckets(bucket_mb)]
 
     def probe_log_probs(self, sequence: list[int]) -> torch.Tensor:
         return self.learner.probe_log_probs(sequence)
 
-    def save(self, model_dir: str, optimizer_path: str | None, tokenizer_path: str | None) -> None:
-        tokenizer = None
-        if tokenizer_path:
-            from transformers import AutoTokenizer
+    def save_hf(self, model_dir: str, tokenizer_path: str | None) -> None:
+        """The policy as an HF model directory (rank 0 writes)."""
+        self.learner.save_hf(model_dir, _tokenizer(tokenizer_path) if self.learner.rank == 0 else None)
 
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        self.learner.save_hf(model_dir, tokenizer)
-        if optimizer_path:
-            self.learner.save_optimizer(optimizer_path)
+    def save_checkpoint(self, path: str, tokenizer_path: str | None) -> None:
+        """Sharded policy and optimizer state (every rank writes its shards)."""
+        self.learner.save_checkpoint(path, _tokenizer(tokenizer_path) if self.learner.rank == 0 else None)
 
-    def load_optimizer(self, path: str) -> None:
-        self.learner.load_optimizer(path)
+    def load_checkpoint(self, path: str) -> None:
+        self.learner.load_checkpoint(path)
 
     def where(self) -> dict:
         """``placement.where()``: node, pid and assigned resources of this rank."""

@@ -111,6 +111,8 @@ class GRPOTrainer:
                                   f"or trainer.output_dir=NEW_DIR to start a new one")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "rollouts").mkdir(exist_ok=True)
+        if resume_from:
+            self._drop_metrics_after(ckpt.load_state(resume_from)["step"])
         self.logger = MetricsLogger(self.run_dir, cfg.trainer.logger, cfg.trainer.wandb_project, cfg.experiment_name,
                                     to_dict(cfg))
         self._seed(cfg.trainer.seed)
@@ -120,11 +122,11 @@ class GRPOTrainer:
         init_path = self.run_dir / "warmup_model" if cfg.warmup.enabled else Path(cfg.model.path)
         if cfg.warmup.enabled and not ckpt.is_valid_model_dir(init_path):
             self._warmup(init_path)
-        policy_path = resume_from / "model" if resume_from else init_path
-        self._call_learners("load_policy", str(policy_path))
-        self._call_learners("load_reference", str(init_path), group=self.references or self.learners)
-        if resume_from:
-            self._call_learners("load_optimizer", str(resume_from / "optimizer.pt"))
+        self._call_learners("load_policy", str(init_path))
+        self._call_learners("load_reference", str(init_path), self.cfg.reference.offload,
+                            group=self.references or self.learners)
+        if resume_from:  # the exact sharded model and optimizer state, over the policy just loaded
+            self._call_learners("load_checkpoint", str(resume_from / ckpt.SHARDED))
             self._restore(ckpt.load_state(resume_from))
             print(f"resumed from {resume_from} at step {self.step}")
         self.probe_sequence = self.train_prompts[0][1] + self.tokenizer.encode(
@@ -184,9 +186,33 @@ class GRPOTrainer:
         if mode == "auto":
             return ckpt.latest_valid(self.run_dir)
         path = Path(mode)
-        if not ckpt.is_valid(path):
-            raise FileNotFoundError(f"trainer.resume={mode} is not a complete checkpoint directory")
+        reason = ckpt.check(path)
+        if reason is not None:
+            raise FileNotFoundError(f"trainer.resume={mode} is not a complete checkpoint directory: {reason}")
         return path
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """Remove ``metrics.jsonl`` rows of steps after ``step`` (and a last line cut short by a kill): an interrupted
+        run logged them after its last checkpoint, and the resumed run trains those steps again (so each step keeps
+        one row)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+
+        def row_step(line: str) -> int | None:
+            try:
+                return int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                return None
+
+        lines = path.read_text().splitlines(keepends=True)
+        keep = [line for line in lines if (s := row_step(line)) is not None and s <= step]
+        if len(keep) < len(lines):
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(keep))
+            tmp.replace(path)
+            print(f"metrics.jsonl: dropped {len(lines) - len(keep)} rows logged after step {step} by the interrupted "
+                  "run (those steps are trained again)")
 
     def _seed(self, seed: int) -> None:
         random.seed(seed)
@@ -313,7 +339,7 @@ class GRPOTrainer:
                 self.logger.log(-1, {**m, "warmup/step": i}, console=False)
         tmp = out_dir.parent / f".tmp-{out_dir.name}"
         shutil.rmtree(tmp, ignore_errors=True)
-        self._call_learners("save", str(tmp), None, self.cfg.model.path)
+        self._call_learners("save_hf", str(tmp), self.cfg.model.path)
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)
         self.summary["warmup_seconds"] = round(time.time() - t0, 1)
@@ -377,7 +403,7 @@ class GRPOTrainer:
             self.logger.log(self.step, self.summary["val_last"])
             if self.step > 0 and self._is_new_best(self.summary["val_last"]):
                 self.save_best()
-        if not ckpt.is_valid(ckpt.checkpoint_dir(self.run_dir, self.step)):
+        if not ckpt.checkpoint_dir(self.run_dir, self.step).is_dir():  # only committed checkpoints get this name
             self.save()
         return self.finish()
 
@@ -519,8 +545,11 @@ class GRPOTrainer:
 
     # ================================================================= checkpoints
     def _write_checkpoint(self, tmp: Path) -> dict:
-        """Model and optimizer into ``tmp`` (through the learners); returns the trainer state to commit with them."""
-        self._call_learners("save", str(tmp / "model"), str(tmp / "optimizer.pt"), self.cfg.model.path)
+        """The learners' sharded state (and, with ``trainer.save_hf_model``, an HF ``model/``) into ``tmp``;
+        returns the trainer state to commit with them."""
+        self._call_learners("save_checkpoint", str(tmp / ckpt.SHARDED), self.cfg.model.path)
+        if self.cfg.trainer.save_hf_model:
+            self._call_learners("save_hf", str(tmp / "model"), self.cfg.model.path)
         return {
             "step": self.step, "policy_version": self.step, "data_cursor": self.stream.state_dict(),
             "rng": {"python": list(random.getstate()[1]), "numpy": np.random.get_state()[1].tolist(),
@@ -536,7 +565,7 @@ class GRPOTrainer:
         """The current policy as ``checkpoints/best``: hard links to this step's checkpoint when it was saved,
         otherwise written through the learners."""
         step_dir = ckpt.checkpoint_dir(self.run_dir, self.step)
-        if ckpt.is_valid(step_dir):
+        if step_dir.is_dir():  # committed this step
             return ckpt.commit_best(ckpt.begin_best(self.run_dir, step_dir))
         tmp = ckpt.begin_best(self.run_dir)
         return ckpt.commit_best(tmp, self._write_checkpoint(tmp))

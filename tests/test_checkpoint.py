@@ -1,4 +1,5 @@
-"""Checkpoint directories are committed atomically; incomplete or corrupt ones are skipped on resume."""
+"""Checkpoint directories are committed atomically with a manifest written last; incomplete, truncated or corrupt
+ones are skipped on resume with a warning that says why."""
 
 import json
 import warnings
@@ -10,12 +11,20 @@ from research_rl import checkpoint as ckpt
 pytestmark = pytest.mark.unit
 
 
-def _write(run, step, keep_last=5, corrupt=None):
-    tmp = ckpt.begin(run, step)
+def _fill(tmp):
+    """The files of a checkpoint (their contents do not matter here)."""
     (tmp / "model").mkdir()
     (tmp / "model" / "config.json").write_text("{}")
     (tmp / "model" / "model.safetensors").write_bytes(b"x" * 16)
-    (tmp / "optimizer.pt").write_bytes(b"y")
+    (tmp / "sharded" / "dcp").mkdir(parents=True)
+    (tmp / "sharded" / "learner.json").write_text('{"backend": "fsdp2", "world_size": 2}')
+    (tmp / "sharded" / "dcp" / "__0_0.distcp").write_bytes(b"y" * 64)
+    (tmp / "sharded" / "dcp" / "__1_0.distcp").write_bytes(b"z" * 64)
+
+
+def _write(run, step, keep_last=5):
+    tmp = ckpt.begin(run, step)
+    _fill(tmp)
     assert ckpt.latest_valid(run) is None or ckpt.latest_valid(run).name != f"step_{step:06d}"  # invisible until commit
     return ckpt.commit(tmp, {"step": step}, keep_last)
 
@@ -29,25 +38,43 @@ def test_commit_prune_and_latest(tmp_path):
 
 def test_crash_mid_checkpoint_leaves_previous_one(tmp_path):
     _write(tmp_path, 1)
-    tmp = ckpt.begin(tmp_path, 2)  # a crash here: model written, no state, never renamed
-    (tmp / "optimizer.pt").write_bytes(b"partial")
+    tmp = ckpt.begin(tmp_path, 2)  # a crash here: shards written, no state, never renamed
+    (tmp / "sharded").mkdir()
+    (tmp / "sharded" / "learner.json").write_text("{}")
     assert ckpt.latest_valid(tmp_path).name == "step_000001"
 
 
-@pytest.mark.parametrize("damage", ["state", "weights", "optimizer"])
-def test_corrupt_newest_falls_back_with_a_warning(tmp_path, damage):
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-10])
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {  # what is done to the newest checkpoint -> the reason the warning must give
+    "truncated state": (lambda c: c / ckpt.STATE_FILE, _truncate, "trainer_state.json has"),
+    "truncated shard": (lambda c: c / "sharded/dcp/__1_0.distcp", _truncate, "truncated"),
+    "corrupt shard": (lambda c: c / "sharded/dcp/__0_0.distcp", _flip_a_byte, "corrupt"),
+    "corrupt HF weights": (lambda c: c / "model/model.safetensors", _flip_a_byte, "corrupt"),
+    "missing shard": (lambda c: c / "sharded/dcp/__1_0.distcp", lambda p: p.unlink(), "missing"),
+    "no manifest": (lambda c: c / ckpt.MANIFEST, lambda p: p.unlink(), "manifest.json"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_newest_falls_back_with_a_warning(tmp_path, damage):
     _write(tmp_path, 1)
     newest = _write(tmp_path, 2)
-    if damage == "state":
-        (newest / ckpt.STATE_FILE).write_text('{"step": ')  # truncated JSON
-    elif damage == "weights":
-        (newest / "model" / "model.safetensors").write_bytes(b"")
-    else:
-        (newest / "optimizer.pt").unlink()
+    target, act, reason = DAMAGE[damage]
+    act(target(newest))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert ckpt.latest_valid(tmp_path).name == "step_000001"
-    assert any("step_000002" in str(w.message) for w in caught)
+    messages = [str(w.message) for w in caught]
+    assert any("step_000002" in m and reason in m for m in messages), messages
     assert json.loads((tmp_path / "checkpoints/step_000001" / ckpt.STATE_FILE).read_text())["step"] == 1
 
 
@@ -66,11 +93,8 @@ def test_best_links_a_step_checkpoint_and_survives_its_pruning(tmp_path):
 
 def test_best_written_directly_replaces_the_previous_best(tmp_path):
     ckpt.commit_best(ckpt.begin_best(tmp_path, _write(tmp_path, 1)))
-    tmp = ckpt.begin_best(tmp_path)  # a step that was not saved: the caller writes model and optimizer itself
-    (tmp / "model").mkdir()
-    (tmp / "model" / "config.json").write_text("{}")
-    (tmp / "model" / "model.safetensors").write_bytes(b"z" * 16)
-    (tmp / "optimizer.pt").write_bytes(b"y")
+    tmp = ckpt.begin_best(tmp_path)  # a step that was not saved: the caller writes the checkpoint itself
+    _fill(tmp)
     best = ckpt.commit_best(tmp, {"step": 7})
     assert json.loads((best / ckpt.STATE_FILE).read_text())["step"] == 7
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best", "step_000001"]  # no leftovers
@@ -79,7 +103,7 @@ def test_best_written_directly_replaces_the_previous_best(tmp_path):
 def test_incomplete_best_is_refused_and_the_old_one_kept(tmp_path):
     ckpt.commit_best(ckpt.begin_best(tmp_path, _write(tmp_path, 1)))
     tmp = ckpt.begin_best(tmp_path)
-    (tmp / "optimizer.pt").write_bytes(b"y")  # no model
+    (tmp / "model").mkdir()  # no sharded state
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         ckpt.commit_best(tmp, {"step": 2})
     assert json.loads((ckpt.best_dir(tmp_path) / ckpt.STATE_FILE).read_text())["step"] == 1

@@ -49,6 +49,9 @@ def test_paper_settings_in_7b_experiment():
     ("retriever.num_replicas=0", "retriever.num_replicas"),
     ("retriever.max_restarts=-2", "retriever.max_restarts"),
     ("retriever.url=localhost:8000", "retriever.url"),
+    ("learner.backend=megatron", "learner.backend"),
+    ("learner.zero_stage=1", "learner.zero_stage"),
+    ("learner.max_tokens_per_micro_batch=0", "learner.max_tokens_per_micro_batch"),
 ])
 def test_bad_override_names_the_key(override, key):
     with pytest.raises(ConfigError) as e:
@@ -103,3 +106,14 @@ def test_configuration_reference_is_generated_and_current(tmp_path, capsys):
     stale.write_text(text.replace("`30.0`", "`31.0`"))
     assert config_reference.main(["--check", "--out", str(stale)]) == 1
     assert "is stale" in capsys.readouterr().err
+
+
+def test_deepspeed_backend_without_deepspeed_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"learner.backend.*pip install -e '\.\[deepspeed\]'"):
+        compose_config(["experiment=debug_cpu", "learner.backend=deepspeed"])
+    cfg = compose_config(["experiment=debug_cpu", "learner.backend=fsdp2"])  # fsdp2 never needs it
+    assert cfg.learner.backend == "fsdp2"

@@ -11,7 +11,8 @@ pytestmark = pytest.mark.unit
 MODULES = ["research_rl.config", "research_rl.data", "research_rl.reward", "research_rl.grpo", "research_rl.agent_loop",
            "research_rl.templates", "research_rl.learner", "research_rl.trainer", "research_rl.retriever",
            "research_rl.warmup", "research_rl.checkpoint", "research_rl.hf_engine", "research_rl.evaluation",
-           "research_rl.evaluate", "research_rl.metrics"]
+           "research_rl.evaluate", "research_rl.metrics", "research_rl.export",
+           "research_rl.learner_worker"]
 
 
 def test_core_modules_do_not_import_heavy_backends():

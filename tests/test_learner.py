@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from research_rl.config import AlgoConfig, LearnerConfig
-from research_rl.learner import Learner
+from research_rl.learner import FSDP2Learner
 
 pytestmark = pytest.mark.unit
 
@@ -23,7 +23,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def learner(debug_model_dir):
     torch.manual_seed(0)
-    lr = Learner(LearnerConfig(lr=1e-3, micro_batch_size=4, weight_decay=0.0), AlgoConfig(kl_coef=0.0, entropy_coef=0.0))
+    lr = FSDP2Learner(LearnerConfig(lr=1e-3, micro_batch_size=4, weight_decay=0.0), AlgoConfig(kl_coef=0.0, entropy_coef=0.0))
     lr.init_process_group("127.0.0.1", _free_port())
     yield lr
     lr.shutdown()
@@ -89,8 +89,28 @@ def test_weight_buckets_reproduce_the_policy_in_the_engine(learner, debug_model_
     engine = HFEngine(str(debug_model_dir), tokenizer)
     seq = batch["input_ids"][0].tolist()
     assert (engine.log_probs(seq) - learner.probe_log_probs(seq)).abs().max() > 1e-4
-    buckets = learner.weight_buckets(bucket_mb=0)  # a bucket per tensor
+    buckets = list(learner.weight_buckets(bucket_mb=0))  # a bucket per tensor
     assert len(buckets) > 1
     for b in buckets:
         engine.load_weights(b)
     assert (engine.log_probs(seq) - learner.probe_log_probs(seq)).abs().max() < 1e-5
+
+
+def test_log_probs_with_only_a_reference_or_only_a_policy(learner, debug_model_dir):
+    """A reference-only learner (a separate reference worker group) returns ``ref_log_probs`` alone, offloaded or
+    not; a policy-only learner returns ``old_log_probs`` alone; the same model gives the same numbers."""
+    batch = _batch(seed=3)
+    policy_only = FSDP2Learner(learner.cfg, learner.algo)
+    policy_only.init_process_group("127.0.0.1", 0)  # the group exists already; this only builds the mesh
+    policy_only.load_policy(str(debug_model_dir))
+    old = policy_only.compute_log_probs(batch)
+    assert set(old) == {"old_log_probs"}
+    for offload in (False, True):
+        ref_only = FSDP2Learner(learner.cfg, learner.algo)
+        ref_only.init_process_group("127.0.0.1", 0)
+        ref_only.load_reference(str(debug_model_dir), offload=offload)
+        ref = ref_only.compute_log_probs(batch)
+        assert set(ref) == {"ref_log_probs"}
+        torch.testing.assert_close(ref["ref_log_probs"], old["old_log_probs"], rtol=0, atol=1e-6)
+    with pytest.raises(RuntimeError, match="load_policy or load_reference"):
+        FSDP2Learner(learner.cfg, learner.algo).compute_log_probs(batch)
