@@ -173,7 +173,7 @@ class RolloutConfig:
     vllm_max_model_len: Optional[int] = None  # tokens per sequence; None = data.max_prompt_len + max_response_len
     vllm_sleep_level: int = 1  # between rollouts: 0 stays awake; 1 frees the KV cache, weights to CPU; 2 frees both
     vllm_enforce_eager: bool = False  # no CUDA graphs (faster start, slower decoding)
-    vllm_kv_cache_gb: float = 1.0  # CPU backend only (VLLM_CPU_KVCACHE_SPACE), GiB
+    vllm_cpu_kv_cache_gb: int = 1  # CPU backend only (VLLM_CPU_KVCACHE_SPACE), GiB
 
     def __post_init__(self) -> None:
         _one_of("rollout.engine", self.engine, ROLLOUT_ENGINES)
@@ -197,7 +197,7 @@ class RolloutConfig:
         if self.vllm_max_model_len is not None:
             _positive("rollout.vllm_max_model_len", self.vllm_max_model_len)
         _one_of("rollout.vllm_sleep_level", self.vllm_sleep_level, (0, 1, 2))
-        _positive("rollout.vllm_kv_cache_gb", self.vllm_kv_cache_gb)
+        _positive("rollout.vllm_cpu_kv_cache_gb", self.vllm_cpu_kv_cache_gb)
 
 
 @dataclass

@@ -158,6 +158,10 @@ class HFEngine:
             n += tensor.numel()
         return n
 
+    def load_buckets(self, buckets) -> int:
+        """One weight sync: ``load_weights`` for each bucket (an iterable, consumed one at a time)."""
+        return sum(self.load_weights(b) for b in buckets)
+
     def parameter_names(self) -> set[str]:
         """Names that a full sync must cover (tied aliases share storage, so one of them suffices)."""
         seen, names = set(), set()

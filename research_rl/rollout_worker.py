@@ -22,6 +22,16 @@ from research_rl.placement import where
 from research_rl.retriever_client import RetrieverClient
 
 
+def _async_search(retriever: RetrieverClient, top_k: int):
+    """The async agent loop's search (passage contents per query). A closure, not an actor method: an ``async def``
+    method would turn the actor into an async actor, whose blocking methods run on its event loop."""
+    async def search(queries: list[str]) -> list[list[str] | None]:
+        return [None if passages is None else [p.contents for p in passages]
+                for passages in await retriever.search_async(queries, top_k)]
+
+    return search
+
+
 @ray.remote
 class RolloutWorker:
     def __init__(self, cfg: RolloutConfig, model_path: str, retriever: RetrieverClient, top_k: int,
@@ -42,17 +52,13 @@ class RolloutWorker:
             self.engine = HFEngine(model_path, self.tokenizer, cfg.max_batch_size, device=device)
         self.retriever, self.top_k = retriever, top_k
         self.loop = AgentLoop(self.engine, self._search, self.tokenizer, cfg.max_response_len, cfg.max_turns,
-                              mode=cfg.mode, async_search_fn=self._search_async, max_batch_size=cfg.max_batch_size,
+                              mode=cfg.mode, async_search_fn=_async_search(retriever, top_k), max_batch_size=cfg.max_batch_size,
                               batch_wait_s=cfg.batch_wait_ms / 1000)
         self.policy_version = 0
 
     def _search(self, queries: list[str]) -> list[list[str] | None]:
         return [None if passages is None else [p.contents for p in passages]
                 for passages in self.retriever.search(queries, self.top_k)]
-
-    async def _search_async(self, queries: list[str]) -> list[list[str] | None]:
-        return [None if passages is None else [p.contents for p in passages]
-                for passages in await self.retriever.search_async(queries, self.top_k)]
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[dict]:
         """Run the agent loop on each prompt (already repeated group_size times by the driver).
@@ -76,11 +82,16 @@ class RolloutWorker:
         if hasattr(self.engine, "wake_up"):
             self.engine.wake_up(["weights"])
         names, nbytes = set(), 0
-        for ref in bucket_refs:
-            bucket = ray.get(ref)
-            self.engine.load_weights(bucket)
-            nbytes += sum(t.numel() * t.element_size() for t in bucket.values())
-            names.update(bucket)
+
+        def fetch():  # one bucket in memory at a time
+            nonlocal nbytes
+            for ref in bucket_refs:
+                bucket = ray.get(ref)
+                nbytes += sum(t.numel() * t.element_size() for t in bucket.values())
+                names.update(bucket)
+                yield bucket
+
+        self.engine.load_buckets(fetch())
         missing = self.engine.parameter_names() - names
         if missing:
             raise RuntimeError(f"weight sync left {len(missing)} parameters stale, e.g. {sorted(missing)[:3]}")
