@@ -292,7 +292,8 @@ class VLLMEngine:
         return n
 
     def load_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> int:
-        """A sync of one bucket (``load_buckets([named_tensors])``)."""
+        """A whole sync in one bucket (``load_buckets([named_tensors])``): a layer whose weights are only partly
+        in it would be re-processed from partial weights, so send a sync's buckets through ``load_buckets``."""
         return self.load_buckets([named_tensors])
 
     def parameter_names(self) -> set[str]:
