@@ -160,7 +160,11 @@ class VLLMEngine:
                  max_num_seqs: int = 256, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
                  enable_sleep_mode: bool = False, enforce_eager: bool = False, seed: int = 0,
                  cpu_kv_cache_gb: int = 1):
-        import vllm  # noqa: F401  (fail here, with the install hint, rather than in the event-loop thread)
+        try:
+            import vllm  # noqa: F401  (fail here, with the install hint, rather than in the event-loop thread)
+        except ImportError as e:
+            raise ImportError("rollout.engine=vllm needs vllm: pip install -e '.[vllm]' on a GPU machine (CPU "
+                              "contract tests: make test-vllm)") from e
 
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_token_id
@@ -313,6 +317,7 @@ class VLLMEngine:
                 final = out
             return final.prompt_logprobs
 
+        self.wake_up()  # the probe runs right after a sync, when only the weights are awake
         plp = self._call(run())
         return torch.tensor([plp[i][tok].logprob for i, tok in enumerate(sequence) if i > 0], dtype=torch.float32)
 

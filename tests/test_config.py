@@ -49,6 +49,12 @@ def test_paper_settings_in_7b_experiment():
     ("retriever.num_replicas=0", "retriever.num_replicas"),
     ("retriever.max_restarts=-2", "retriever.max_restarts"),
     ("retriever.url=localhost:8000", "retriever.url"),
+    ("rollout.mode=sync", "rollout.mode"),
+    ("rollout.batch_wait_ms=-1", "rollout.batch_wait_ms"),
+    ("rollout.vllm_sleep_level=3", "rollout.vllm_sleep_level"),
+    ("rollout.vllm_gpu_memory_utilization=1.5", "rollout.vllm_gpu_memory_utilization"),
+    ("rollout.vllm_max_model_len=1000", "rollout.vllm_max_model_len"),  # < max_prompt_len + max_response_len
+    ("rollout.engine=vllm", "rollout.num_gpus_per_worker"),  # vLLM runs on GPUs
 ])
 def test_bad_override_names_the_key(override, key):
     with pytest.raises(ConfigError) as e:
