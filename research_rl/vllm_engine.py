@@ -109,15 +109,16 @@ class WeightSyncExtension:
             self._weight_group.broadcast(t, src=0, stream=torch.cuda.current_stream())
             bucket[name] = t
         torch.cuda.current_stream().synchronize()
-        return self.rl_load_bucket(bucket)
+        return self.rl_load_bucket(bucket)  # inside the session VLLMEngine.receive_broadcast_buckets opened
 
 
 class NcclWeightSender:
     """Learner rank 0's side of the NCCL broadcast group (disaggregated GPU placement). UNTESTED: needs GPUs.
 
     Usage: ``NcclWeightSender(host, port, world_size)`` on learner rank 0 while each engine calls
-    ``VLLMEngine.init_weight_group(host, port, 1 + engine_index * tp, world_size)``; per bucket, the engines call
-    ``receive_broadcast(specs)`` and rank 0 calls ``send(bucket)`` at the same time.
+    ``VLLMEngine.init_weight_group(host, port, 1 + engine_index * tp, world_size)`` (world size = 1 + engines × tp);
+    per sync, the engines run ``VLLMEngine.receive_broadcast_buckets(specs per bucket)`` while rank 0 calls
+    ``send(bucket)`` for each bucket in the same order.
     """
 
     def __init__(self, host: str, port: int, world_size: int, device: str = "cuda"):
@@ -302,6 +303,23 @@ class VLLMEngine:
 
     def parameter_names(self) -> set[str]:
         return set(self._names)
+
+    # ------------------------------------------------------------------ NCCL sync (disaggregated GPU; UNTESTED)
+    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
+        """Join learner rank 0's broadcast group (``NcclWeightSender``); this engine's workers take ranks
+        ``rank_offset`` .. ``rank_offset + tensor_parallel_size - 1``. UNTESTED: needs GPUs."""
+        self._call(self.llm.collective_rpc("init_weight_group", args=(host, port, rank_offset, world_size)))
+
+    def receive_broadcast_buckets(self, bucket_specs: Iterable[list[tuple[str, str, list[int]]]]) -> None:
+        """One sync over NCCL: per bucket, receive the tensors ``NcclWeightSender.send`` broadcasts (``specs`` from
+        ``NcclWeightSender.specs``, sent ahead through Ray), in one reload session. UNTESTED: needs GPUs."""
+        self._call(self.llm.collective_rpc("rl_begin_sync"))
+        try:
+            for specs in bucket_specs:
+                self._call(self.llm.collective_rpc("receive_broadcast", args=(specs,)))
+        finally:
+            self._call(self.llm.collective_rpc("rl_finish_sync"))
+            self._call(self.llm.reset_prefix_cache())
 
     def log_probs(self, sequence: Sequence[int]) -> torch.Tensor:
         """Log-probs of tokens 1..L-1 of one sequence under the engine's weights (vLLM ``prompt_logprobs``,
