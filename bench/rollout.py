@@ -119,7 +119,7 @@ def main() -> None:
     p.add_argument("--warmup-steps", type=int, default=150)
     p.add_argument("--engines", default="hf,vllm", help="comma-separated: hf, vllm (skipped when not importable)")
     p.add_argument("--latencies-ms", default="0,20,100", help="added latency per retriever call")
-    p.add_argument("--questions", type=int, default=8, help="MuSiQue dev questions")
+    p.add_argument("--questions", type=int, default=16, help="MuSiQue dev questions")
     p.add_argument("--group-size", type=int, default=5)
     p.add_argument("--max-response-len", type=int, default=1024)
     p.add_argument("--max-turns", type=int, default=2)
@@ -128,6 +128,7 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--template", default="instruct")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3, help="runs per cell; the median by wall time is reported")
     p.add_argument("--threads", type=int, default=2, help="torch threads (HF engine)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -159,14 +160,18 @@ def main() -> None:
         for latency in [float(x) for x in args.latencies_ms.split(",")]:
             base = None
             for mode in ("turn_sync", "async"):
-                r = run_once(engine, tok, client, prompts, mode, latency / 1000, args)
+                runs = sorted((run_once(engine, tok, client, prompts, mode, latency / 1000, args)
+                               for _ in range(args.repeats)), key=lambda r: r["wall_s"])
+                r = runs[len(runs) // 2]  # the median run by wall time
+                assert len({x["gen_tokens"] for x in runs}) == 1, "the same seed must give the same trajectories"
                 base = base or r["wall_s"]
                 rows.append({"engine": name, "latency_ms": latency, "mode": mode, **r, "speedup": base / r["wall_s"]})
                 print(rows[-1], flush=True)
         if hasattr(engine, "shutdown"):
             engine.shutdown()
     print(f"\n{len(prompts)} trajectories ({args.questions} questions × group {args.group_size}), max_response_len "
-          f"{args.max_response_len}, max_turns {args.max_turns}, top-{args.top_k}, temperature 1.0, seed {args.seed}\n")
+          f"{args.max_response_len}, max_turns {args.max_turns}, top-{args.top_k}, temperature 1.0, seed {args.seed}; "
+          f"median of {args.repeats} runs; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
     print("| engine | added retrieval latency | mode | wall s | generated tokens | tokens/s | searches/traj | "
           "retriever calls | speedup vs turn_sync |")
     print("|---|---|---|---|---|---|---|---|---|")

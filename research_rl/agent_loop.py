@@ -14,8 +14,8 @@ Two schedules of the same loop (``rollout.mode``), with identical outputs for th
 - ``async`` (default): each trajectory is its own coroutine (generate → on ``</search>`` await the retriever →
   append the result ids → generate again). Requests reach the engine one trajectory at a time and the engine
   batches whatever is in flight (vLLM continuously, per decoding step; the HF engine through ``AsyncBatcher``,
-  per ``generate`` call). A query goes to the retriever as soon as it is produced, so no trajectory waits for the
-  slowest one of its turn.
+  per ``generate`` call). A query goes to the retriever as soon as it is produced (with the other queries produced
+  in the same event-loop iteration), so no trajectory waits for the slowest one of its turn.
 - ``turn_sync``: the reference implementations' schedule (ReSearch, Search-R1): every active trajectory takes
   part in each engine call, all of a turn's queries go to the retriever in one batched call, then the next turn.
 
@@ -226,6 +226,48 @@ class AsyncBatcher:
                     r[3].set_result(out)
 
 
+class _SearchCoalescer:
+    """Async mode's retriever calls: a query is sent as soon as it is produced, in one call with the other queries
+    produced in the same event-loop iteration (trajectories whose generations finished together), so concurrent
+    trajectories do not each pay a call's overhead. Waits for nothing: the call goes out on the next iteration."""
+
+    def __init__(self, call: AsyncSearchFn):
+        self.call = call
+        self.pending: list[tuple[str, asyncio.Future]] = []
+        self.tasks: set[asyncio.Task] = set()
+
+    async def search(self, query: str) -> list[str] | None:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.pending.append((query, fut))
+        if len(self.pending) == 1:
+            loop.call_soon(self._flush)  # runs after the callbacks already ready in this iteration
+        return await fut
+
+    def _flush(self) -> None:
+        batch, self.pending = self.pending, []
+        task = asyncio.ensure_future(self._send(batch))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _send(self, batch: list[tuple[str, asyncio.Future]]) -> None:
+        queries = [q for q, _ in batch]
+        try:
+            results = list(await self.call(queries))
+            if len(results) != len(queries):
+                raise RuntimeError(f"search function returned {len(results)} results for {len(queries)} queries")
+        except Exception as e:
+            err = e if isinstance(e, RuntimeError) and "search function returned" in str(e) else RuntimeError(
+                f"search function raised on a batch of {len(queries)} queries: {e!r}")
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
+            return
+        for (_, fut), result in zip(batch, results):
+            if not fut.done():
+                fut.set_result(result)
+
+
 def _sampling_key(s: SamplingParams) -> tuple:
     return (s.is_greedy, s.temperature, s.top_p)
 
@@ -243,7 +285,8 @@ class AgentLoop:
         max_turns: cap on searches per trajectory, ``None`` for unlimited.
         mode: ``async`` (per-trajectory coroutines) or ``turn_sync`` (turn by turn, one batched search per turn).
         async_search_fn: ``async`` mode: an awaitable search (same contract as ``search_fn``) called with one query
-            per trajectory as soon as it is produced; ``None``: ``search_fn`` in a thread.
+            as soon as they are produced (the queries produced in one event-loop iteration in one call); ``None``:
+            ``search_fn`` in a thread.
         max_batch_size: ``async`` mode with a batched engine: requests per ``generate`` call (``AsyncBatcher``).
         batch_wait_s: ``async`` mode with a batched engine: ``AsyncBatcher.max_wait_s``, in seconds.
     Raises:
@@ -367,21 +410,14 @@ class AgentLoop:
             batcher.live = len(trajs)
             generate_one = batcher.generate_one
         search_pool = None
-        if self.async_search_fn is None:  # the blocking search function, one query per call, in threads
+        if self.async_search_fn is None:  # the blocking search function, in threads
             search_pool = ThreadPoolExecutor(max(1, min(64, len(trajs))), thread_name_prefix="search")
 
-        async def search_one(query: str) -> list[str] | None:
-            try:
-                if self.async_search_fn is not None:
-                    results = list(await self.async_search_fn([query]))
-                else:
-                    results = list(await asyncio.get_running_loop().run_in_executor(
-                        search_pool, self.search_fn, [query]))
-            except Exception as e:
-                raise RuntimeError(f"search function raised on a batch of 1 queries: {e!r}") from e
-            if len(results) != 1:
-                raise RuntimeError(f"search function returned {len(results)} results for 1 queries")
-            return results[0]
+            async def call(queries: list[str]) -> list[list[str] | None]:
+                return await asyncio.get_running_loop().run_in_executor(search_pool, self.search_fn, queries)
+        else:
+            call = self.async_search_fn
+        searcher = _SearchCoalescer(call)
 
         async def one(i: int, t: Trajectory) -> None:
             try:
@@ -389,7 +425,7 @@ class AgentLoop:
                     ids, budget, params = self._request(i, t, sampling)
                     query = self._take_generation(t, await generate_one(ids, budget, params))
                     if query is not None:
-                        self._insert_result(t, query, await search_one(query) if query else None)
+                        self._insert_result(t, query, await searcher.search(query) if query else None)
             finally:
                 if batcher is not None:
                     batcher.retire()

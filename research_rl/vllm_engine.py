@@ -185,6 +185,10 @@ class VLLMEngine:
                     gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled,
                     enforce_eager=enforce_eager or self.on_cpu, seed=seed, disable_log_stats=True,
                     worker_extension_cls=f"{__name__}.WeightSyncExtension")
+        if self.on_cpu:
+            # vLLM's CPU worker fails on a seeded request caught in a partial (chunked) prefill ("CPU Generator
+            # does not use offset"): prefill every prompt whole
+            args.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
         self.llm = self._call(self._start(args))
         self._names = self._parameter_names(model_path)
 
