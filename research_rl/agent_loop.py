@@ -254,18 +254,22 @@ class _SearchCoalescer:
         queries = [q for q, _ in batch]
         try:
             results = list(await self.call(queries))
-            if len(results) != len(queries):
-                raise RuntimeError(f"search function returned {len(results)} results for {len(queries)} queries")
         except Exception as e:
-            err = e if isinstance(e, RuntimeError) and "search function returned" in str(e) else RuntimeError(
-                f"search function raised on a batch of {len(queries)} queries: {e!r}")
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(err)
-            return
+            err = RuntimeError(f"search function raised on a batch of {len(queries)} queries: {e!r}")
+            err.__cause__ = e
+            return self._fail(batch, err)
+        if len(results) != len(queries):
+            return self._fail(batch, RuntimeError(
+                f"search function returned {len(results)} results for {len(queries)} queries"))
         for (_, fut), result in zip(batch, results):
             if not fut.done():
                 fut.set_result(result)
+
+    @staticmethod
+    def _fail(batch: list[tuple[str, asyncio.Future]], err: Exception) -> None:
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_exception(err)
 
 
 def _sampling_key(s: SamplingParams) -> tuple:

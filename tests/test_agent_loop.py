@@ -351,3 +351,22 @@ def test_async_batcher_batches_pending_requests_and_reports_engine_errors(tokeni
         asyncio.run(fail())
     with pytest.raises(ValueError, match="rollout.mode"):
         AgentLoop(engine, _search, tokenizer, 10, mode="sync")
+
+
+def test_async_sends_queries_produced_together_in_one_call(tokenizer):
+    """Trajectories whose generations come back together search in one retriever call; nothing waits for more."""
+    eos = tokenizer.eos_token
+    prompts = [_prompt(tokenizer, f"User: together {i}") for i in range(3)]
+    engine = ScriptedEngine(tokenizer, {p: [f"<search> q{i} </search>", f" <answer> {i} </answer>{eos}"]
+                                        for i, p in enumerate(prompts)})
+    calls = []
+
+    async def search(queries):
+        calls.append(list(queries))
+        return [[f"about {q}"] for q in queries]
+
+    trajs = AgentLoop(engine, None, tokenizer, 200, async_search_fn=search).run([list(p) for p in prompts],
+                                                                              SamplingParams())
+    assert calls == [["q0", "q1", "q2"]]
+    assert [t.queries for t in trajs] == [["q0"], ["q1"], ["q2"]]
+    assert all(format_observation([f"about q{i}"]) in t.response_text for i, t in enumerate(trajs))
