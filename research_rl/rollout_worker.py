@@ -1,9 +1,11 @@
 """Ray shell of the rollout role: holds one generation engine and runs the agent loop for a slice of prompts.
 
-The plain cores are ``AgentLoop`` (agent_loop.py) and the engine (``HFEngine`` on CPU). Searches go through the
-``RetrieverClient`` (actor replicas or a remote service) in one batched call per turn; a query it fails to serve
-gets the ``search failed`` observation. Weights arrive from the learner as buckets in the Ray object
-store (CPU weight sync) and a probe compares the engine's log-probs with the learner's.
+The plain cores are ``AgentLoop`` (agent_loop.py) and the engine (``HFEngine`` on CPU, ``VLLMEngine`` on GPU,
+``rollout.engine``). Searches go through the ``RetrieverClient`` (actor replicas or a remote service): in
+``rollout.mode=async`` each trajectory's query as soon as it is produced, in ``turn_sync`` one batched call per
+turn; a query it fails to serve gets the ``search failed`` observation. Weights arrive from the learner as buckets
+in the Ray object store and a probe compares the engine's log-probs with the learner's. A vLLM engine sleeps
+between rollouts (``rollout.vllm_sleep_level``) and wakes for the next sync.
 """
 
 from __future__ import annotations
@@ -20,22 +22,38 @@ from research_rl.placement import where
 from research_rl.retriever_client import RetrieverClient
 
 
+def _async_search(retriever: RetrieverClient, top_k: int):
+    """The async agent loop's search (passage contents per query). A closure, not an actor method: an ``async def``
+    method would turn the actor into an async actor, whose blocking methods run on its event loop."""
+    async def search(queries: list[str]) -> list[list[str] | None]:
+        return [None if passages is None else [p.contents for p in passages]
+                for passages in await retriever.search_async(queries, top_k)]
+
+    return search
+
+
 @ray.remote
 class RolloutWorker:
-    def __init__(self, cfg: RolloutConfig, model_path: str, retriever: RetrieverClient, top_k: int):
+    def __init__(self, cfg: RolloutConfig, model_path: str, retriever: RetrieverClient, top_k: int,
+                 dtype: str = "bfloat16", max_model_len: int | None = None):
         set_torch_threads(cfg.torch_threads)
         from transformers import AutoTokenizer
 
-        if cfg.engine != "hf":
-            raise NotImplementedError(
-                f"rollout.engine={cfg.engine!r} is not available in this version; use rollout.engine=hf")
-        from research_rl.hf_engine import HFEngine
-
+        self.cfg = cfg
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        device = "cuda" if cfg.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
-        self.engine = HFEngine(model_path, self.tokenizer, cfg.max_batch_size, device=device)
+        if cfg.engine == "vllm":
+            from research_rl.vllm_engine import VLLMEngine
+
+            self.engine = VLLMEngine.from_config(cfg, model_path, self.tokenizer, dtype, max_model_len)
+        else:
+            from research_rl.hf_engine import HFEngine
+
+            device = "cuda" if cfg.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
+            self.engine = HFEngine(model_path, self.tokenizer, cfg.max_batch_size, device=device)
         self.retriever, self.top_k = retriever, top_k
-        self.loop = AgentLoop(self.engine, self._search, self.tokenizer, cfg.max_response_len, cfg.max_turns)
+        self.loop = AgentLoop(self.engine, self._search, self.tokenizer, cfg.max_response_len, cfg.max_turns,
+                              mode=cfg.mode, async_search_fn=_async_search(retriever, top_k), max_batch_size=cfg.max_batch_size,
+                              batch_wait_s=cfg.batch_wait_ms / 1000)
         self.policy_version = 0
 
     def _search(self, queries: list[str]) -> list[list[str] | None]:
@@ -47,7 +65,11 @@ class RolloutWorker:
 
         Returns one dict per trajectory (``Trajectory`` fields plus ``num_searches``, ``num_generated``)."""
         torch.manual_seed(sampling.seed)
+        if hasattr(self.engine, "wake_up"):
+            self.engine.wake_up()
         trajs: list[Trajectory] = self.loop.run(prompts, sampling)
+        if hasattr(self.engine, "sleep") and self.cfg.vllm_sleep_level:
+            self.engine.sleep(self.cfg.vllm_sleep_level)  # the learner gets the GPU memory back
         return [dict(asdict(t), num_searches=t.num_searches, num_generated=t.num_generated) for t in trajs]
 
     def load_weights(self, bucket_refs: list, policy_version: int) -> dict:
@@ -57,12 +79,19 @@ class RolloutWorker:
         Raises:
             RuntimeError: some parameters were not in any bucket.
         """
+        if hasattr(self.engine, "wake_up"):
+            self.engine.wake_up(["weights"])
         names, nbytes = set(), 0
-        for ref in bucket_refs:
-            bucket = ray.get(ref)
-            self.engine.load_weights(bucket)
-            nbytes += sum(t.numel() * t.element_size() for t in bucket.values())
-            names.update(bucket)
+
+        def fetch():  # one bucket in memory at a time
+            nonlocal nbytes
+            for ref in bucket_refs:
+                bucket = ray.get(ref)
+                nbytes += sum(t.numel() * t.element_size() for t in bucket.values())
+                names.update(bucket)
+                yield bucket
+
+        self.engine.load_buckets(fetch())
         missing = self.engine.parameter_names() - names
         if missing:
             raise RuntimeError(f"weight sync left {len(missing)} parameters stale, e.g. {sorted(missing)[:3]}")

@@ -254,7 +254,8 @@ class GRPOTrainer:
         self.retriever = RetrieverClient(self.retrievers, cfg.retriever.url, cfg.retriever.timeout_s)
         self.rollout_workers = [
             RolloutWorker.options(**self.placement.options("rollout", i))
-            .remote(cfg.rollout, cfg.model.path, self.retriever, cfg.retriever.top_k)
+            .remote(cfg.rollout, cfg.model.path, self.retriever, cfg.retriever.top_k, cfg.model.dtype,
+                    cfg.rollout.vllm_max_model_len or cfg.data.max_prompt_len + cfg.rollout.max_response_len)
             for i in range(cfg.rollout.num_workers)]
         self.learners = self._worker_group("learner", cfg.learner.num_workers, cfg.learner.num_gpus_per_worker)
         self.references = (self._worker_group("reference", cfg.reference.num_workers,

@@ -64,7 +64,7 @@ class ScriptedEngine:
         self.calls: list[int] = []  # batch size of each call
         self.generated: dict[tuple[int, ...], list[list[int]]] = {k: [] for k in scripts}
 
-    def generate(self, prompts, max_new_tokens, sampling):
+    def generate(self, prompts, max_new_tokens, sampling, seeds=None):
         self.calls.append(len(prompts))
         outs = []
         for ids, budget in zip(prompts, max_new_tokens):

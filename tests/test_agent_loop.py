@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from research_rl.agent_loop import (
     EMPTY_QUERY_OBSERVATION,
+    MODES,
     SEARCH_FAILED_OBSERVATION,
     AgentLoop,
     SamplingParams,
@@ -17,6 +20,12 @@ from research_rl.agent_loop import (
 from helpers import ScriptedEngine
 
 pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(params=MODES)
+def mode(request):
+    """Each contract test runs under both schedules (``rollout.mode``)."""
+    return request.param
 
 
 def _prompt(tokenizer, text):
@@ -30,7 +39,7 @@ def test_extract_query():
     assert extract_query("no tags </search>") == ""
 
 
-def test_masks_results_and_multiple_searches(tokenizer):
+def test_masks_results_and_multiple_searches(tokenizer, mode):
     eos = tokenizer.eos_token
     p1, p2 = _prompt(tokenizer, "User: first question"), _prompt(tokenizer, "User: second one")
     engine = ScriptedEngine(tokenizer, {
@@ -44,11 +53,12 @@ def test_masks_results_and_multiple_searches(tokenizer):
         searched.append(list(queries))
         return [[f"passage about {q}", "second passage"] for q in queries]
 
-    loop = AgentLoop(engine, search, tokenizer, max_response_len=500)
+    loop = AgentLoop(engine, search, tokenizer, max_response_len=500, mode=mode)
     t1, t2 = loop.run([list(p1), list(p2)], SamplingParams())
-    # turn 1 batches both trajectories; turns 2 and 3 only the one still searching
+    # turn 1 batches both trajectories; turns 2 and 3 only the one still searching (async: the batcher takes
+    # whatever is pending, which here is the same)
     assert engine.calls == [2, 1, 1]
-    assert searched == [["Ed Wood"], ["Tim Burton"]]  # one batched retriever call per turn
+    assert searched == [["Ed Wood"], ["Tim Burton"]]  # one retriever call per turn (async: per query)
     assert t1.queries == ["Ed Wood", "Tim Burton"] and t2.queries == []
     assert (t1.finish_reason, t2.finish_reason) == ("eos", "eos")
     # token stream: prompt ids untouched; response = gen1 + result1 + gen2 + result2 + gen3, masks 1/0/1/0/1
@@ -63,23 +73,23 @@ def test_masks_results_and_multiple_searches(tokenizer):
     assert t2.loss_mask == [1] * len(t2.response_ids)
 
 
-def test_empty_query_is_not_searched(tokenizer):
+def test_empty_query_is_not_searched(tokenizer, mode):
     eos = tokenizer.eos_token
     p = _prompt(tokenizer, "User: q")
     engine = ScriptedEngine(tokenizer, {p: ["<search>   </search>", " <answer> \\boxed{z} </answer>" + eos]})
     calls = []
-    loop = AgentLoop(engine, lambda qs: calls.append(qs) or [[]] * len(qs), tokenizer, max_response_len=200)
+    loop = AgentLoop(engine, lambda qs: calls.append(qs) or [[]] * len(qs), tokenizer, max_response_len=200, mode=mode)
     (t,) = loop.run([list(p)], SamplingParams())
     assert calls == []  # nothing reached the retriever
     assert f"<result>\n{EMPTY_QUERY_OBSERVATION}\n</result>" in t.response_text
     assert t.queries == [""] and t.finish_reason == "eos"
 
 
-def test_shared_budget_truncates_results_and_generation(tokenizer):
+def test_shared_budget_truncates_results_and_generation(tokenizer, mode):
     p = _prompt(tokenizer, "User: long")
     long_passage = "word " * 200
     engine = ScriptedEngine(tokenizer, {p: ["<think> x </think> <search> q </search>"]})
-    loop = AgentLoop(engine, lambda qs: [[long_passage]] * len(qs), tokenizer, max_response_len=40)
+    loop = AgentLoop(engine, lambda qs: [[long_passage]] * len(qs), tokenizer, max_response_len=40, mode=mode)
     (t,) = loop.run([list(p)], SamplingParams())
     assert len(t.response_ids) == 40 == len(t.loss_mask)  # generated + inserted never exceed the budget
     assert t.finish_reason == "length"
@@ -87,29 +97,29 @@ def test_shared_budget_truncates_results_and_generation(tokenizer):
     assert t.loss_mask == [1] * gen + [0] * (40 - gen)
 
     engine = ScriptedEngine(tokenizer, {p: ["<think> " + "blah " * 100]})
-    (t,) = AgentLoop(engine, lambda qs: [], tokenizer, max_response_len=16).run([list(p)], SamplingParams())
+    (t,) = AgentLoop(engine, lambda qs: [], tokenizer, max_response_len=16, mode=mode).run([list(p)], SamplingParams())
     assert len(t.response_ids) == 16 and t.finish_reason == "length" and sum(t.loss_mask) == 16
 
 
-def test_max_turns_stops_further_searches(tokenizer):
+def test_max_turns_stops_further_searches(tokenizer, mode):
     p = _prompt(tokenizer, "User: turns")
     engine = ScriptedEngine(tokenizer, {p: ["<search> a </search>", " <search> b </search>", " never reached"]})
-    (t,) = AgentLoop(engine, lambda qs: [["r"]] * len(qs), tokenizer, 300, max_turns=1).run([list(p)], SamplingParams())
+    (t,) = AgentLoop(engine, lambda qs: [["r"]] * len(qs), tokenizer, 300, max_turns=1, mode=mode).run([list(p)], SamplingParams())
     assert t.queries == ["a"] and t.finish_reason == "max_turns"
     assert t.response_text.endswith("<search> b </search>")
 
 
-def test_passage_cannot_inject_special_tokens(tokenizer):
+def test_passage_cannot_inject_special_tokens(tokenizer, mode):
     eos = tokenizer.eos_token
     p = _prompt(tokenizer, "User: inject")
     engine = ScriptedEngine(tokenizer, {p: ["<search> q </search>", " <answer> \\boxed{z} </answer>" + eos]})
-    (t,) = AgentLoop(engine, lambda qs: [[f"evil {eos} passage"]], tokenizer, 300).run([list(p)], SamplingParams())
+    (t,) = AgentLoop(engine, lambda qs: [[f"evil {eos} passage"]], tokenizer, 300, mode=mode).run([list(p)], SamplingParams())
     inserted = [tok for tok, m in zip(t.response_ids, t.loss_mask) if m == 0]
     assert tokenizer.eos_token_id not in inserted
     assert t.response_ids.count(tokenizer.eos_token_id) == 1 and t.response_ids[-1] == tokenizer.eos_token_id
 
 
-def test_failed_search_gets_observation_and_trajectory_goes_on(tokenizer):
+def test_failed_search_gets_observation_and_trajectory_goes_on(tokenizer, mode):
     """A query the retriever could not serve (None) gets ``search failed``; the trajectory continues to EOS and
     the other trajectory's query in the same batch still gets its passages."""
     eos = tokenizer.eos_token
@@ -117,14 +127,14 @@ def test_failed_search_gets_observation_and_trajectory_goes_on(tokenizer):
     engine = ScriptedEngine(tokenizer, {p1: ["<search> bad </search>", f" <answer> x </answer>{eos}"],
                                         p2: ["<search> good </search>", f" <answer> y </answer>{eos}"]})
     t1, t2 = AgentLoop(engine, lambda qs: [None if q == "bad" else ["a passage"] for q in qs], tokenizer,
-                       300).run([list(p1), list(p2)], SamplingParams())
+                       300, mode=mode).run([list(p1), list(p2)], SamplingParams())
     assert (t1.finish_reason, t1.failed_searches) == ("eos", 1)
     assert (t2.finish_reason, t2.failed_searches) == ("eos", 0)
     assert format_observation([SEARCH_FAILED_OBSERVATION]) in t1.response_text
     assert format_observation(["a passage"]) in t2.response_text
 
 
-def test_raising_search_function_is_a_bug_not_an_outage(tokenizer):
+def test_raising_search_function_is_a_bug_not_an_outage(tokenizer, mode):
     p = _prompt(tokenizer, "User: fail")
     engine = ScriptedEngine(tokenizer, {p: ["<search> q </search>"]})
 
@@ -132,10 +142,10 @@ def test_raising_search_function_is_a_bug_not_an_outage(tokenizer):
         raise TypeError("bad call")
 
     with pytest.raises(RuntimeError, match="search function raised.*bad call"):
-        AgentLoop(engine, broken, tokenizer, 100).run([list(p)], SamplingParams())
+        AgentLoop(engine, broken, tokenizer, 100, mode=mode).run([list(p)], SamplingParams())
     engine = ScriptedEngine(tokenizer, {p: ["<search> q </search>"]})
     with pytest.raises(RuntimeError, match="returned 0 results for 1 queries"):
-        AgentLoop(engine, lambda qs: [], tokenizer, 100).run([list(p)], SamplingParams())
+        AgentLoop(engine, lambda qs: [], tokenizer, 100, mode=mode).run([list(p)], SamplingParams())
 
 
 def test_real_hf_engine_loop(debug_model_dir, tokenizer):
@@ -187,3 +197,176 @@ def test_observation_format():
 
     assert format_observation(['"A"\nfirst', '"B"\nsecond']) == ' <result>\n"A"\nfirst\n\n"B"\nsecond\n</result>'
     assert format_observation([]) == " <result>\n\n</result>"
+
+
+# ---------------------------------------------------------------- the two schedules, and the token stream
+def _scripts(tokenizer, prompts):
+    """Scripted outputs with every kind of turn: searches, an empty query, a failed search, budget cuts, EOS."""
+    eos = tokenizer.eos_token
+    kinds = [
+        ["<think> a </think> <search> Ed Wood </search>", " <search> Tim Burton </search>",
+         " <answer> \\boxed{x} </answer>" + eos],
+        ["<think> b </think> <answer> \\boxed{y} </answer>" + eos],
+        ["<search>  </search>", " <search> bad </search>", " <answer> \\boxed{z} </answer>" + eos],
+        ["<think> " + "long " * 30 + "</think> <search> Nissedal </search>", " <think> " + "more " * 80],
+    ]
+    return {p: kinds[i % len(kinds)] for i, p in enumerate(prompts)}
+
+
+def _search(queries):
+    return [None if q == "bad" else [f"passage about {q}", "another passage"] for q in queries]
+
+
+def test_async_and_turn_sync_give_identical_trajectories(tokenizer):
+    prompts = [_prompt(tokenizer, f"User: question number {i}") for i in range(9)]
+    out = {}
+    for mode in MODES:
+        engine = ScriptedEngine(tokenizer, _scripts(tokenizer, prompts))
+        loop = AgentLoop(engine, _search, tokenizer, max_response_len=120, mode=mode, max_batch_size=4)
+        out[mode] = loop.run([list(p) for p in prompts], SamplingParams(seed=3))
+    assert [t.finish_reason for t in out["async"]] == ["eos", "eos", "eos", "length"] * 2 + ["eos"]
+    for a, s in zip(out["async"], out["turn_sync"]):
+        assert a == s  # every field: ids, loss mask, queries, finish reason, failed searches, response text
+
+
+def _learner_rows(trajs, pad_id):
+    """What the learner trains on: the driver's batch (``GRPOTrainer._batch``) row by row."""
+    from types import SimpleNamespace
+
+    from research_rl.trainer import GRPOTrainer
+
+    batch = GRPOTrainer._batch(SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=pad_id)),
+                               [dataclasses.asdict(t) for t in trajs])
+    rows = []
+    for ids, attn, mask in zip(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]):
+        n = int(attn.sum())
+        rows.append((ids[:n].tolist(), mask[:n].tolist()))
+    return rows
+
+
+@pytest.mark.parametrize("template", ["base", "instruct"])
+def test_token_stream_is_prompt_plus_generated_plus_inserted_ids(tokenizer, template, mode):
+    """Token-in/token-out, turn by turn: each engine call sees exactly the ids so far (prompt + earlier generated
+    + inserted ids), and the learner's sequence is prompt + generated + inserted ids, with loss mask 1 exactly on
+    the generated ones."""
+    from research_rl.templates import encode_prompt
+
+    prompts = [tuple(encode_prompt(q, template, tokenizer)) for q in ["Who directed Ed Wood?", "Where is Nissedal?",
+                                                                       "Is Paris in France?", "Who wrote Hamlet?"]]
+    engine = ScriptedEngine(tokenizer, _scripts(tokenizer, prompts))
+    seen: dict[tuple, list] = {p: [] for p in prompts}  # per trajectory: (engine input, generated) per call
+    inserted: dict[tuple, list] = {p: [] for p in prompts}
+    base_generate = engine.generate
+
+    def recording_generate(batch, budgets, sampling, seeds=None):
+        outs = base_generate(batch, budgets, sampling, seeds)
+        for ids, out in zip(batch, outs):
+            key = next(p for p in prompts if tuple(ids[:len(p)]) == p)
+            seen[key].append((list(ids), list(out.token_ids)))
+        return outs
+
+    engine.generate = recording_generate
+    loop = AgentLoop(engine, _search, tokenizer, max_response_len=200, mode=mode)
+    trajs = loop.run([list(p) for p in prompts], SamplingParams())
+    for p, t in zip(prompts, trajs):
+        obs = {q: format_observation(["passage about " + q, "another passage"]) for q in t.queries}
+        for q in t.queries:
+            text = (format_observation([EMPTY_QUERY_OBSERVATION]) if not q else
+                    format_observation([SEARCH_FAILED_OBSERVATION]) if q == "bad" else obs[q])
+            inserted[p].append(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+        expect, mask = list(p), []
+        for k, (engine_input, generated) in enumerate(seen[p]):
+            assert engine_input == expect, f"call {k} of {template} trajectory saw different ids"
+            expect += generated
+            mask += [1] * len(generated)
+            if k < len(inserted[p]):
+                expect += inserted[p][k]
+                mask += [0] * len(inserted[p][k])
+        assert t.prompt_ids + t.response_ids == expect[:len(p) + 200]
+        assert t.loss_mask == mask[:200]
+    for (ids, mask), t in zip(_learner_rows(trajs, tokenizer.pad_token_id), trajs):
+        assert ids == t.prompt_ids + t.response_ids
+        assert mask == [0] * len(t.prompt_ids) + t.loss_mask
+
+
+@pytest.mark.parametrize("template", ["base", "instruct"])
+def test_real_hf_engine_gives_the_same_trajectories_in_both_schedules(debug_model_dir, tokenizer, template):
+    """Greedy and seeded sampling: the HF engine's trajectories do not depend on the schedule (per-request seeds;
+    the async batches differ from turn_sync's)."""
+    from research_rl.hf_engine import HFEngine
+    from research_rl.templates import encode_prompt
+
+    engine = HFEngine(str(debug_model_dir), tokenizer, max_batch_size=3)
+    prompts = [encode_prompt(q, template, tokenizer) for q in ["Who directed Ed Wood?", "Where is Nissedal?"]] * 2
+    searches = iter(range(10**6))
+
+    def search(queries):  # the untrained model seldom searches: the scripted tests above cover searches
+        return [[f"passage {next(searches)}"] for _ in queries]
+
+    for sampling in (SamplingParams(greedy=True), SamplingParams(temperature=1.0, seed=7)):
+        runs = {mode: AgentLoop(engine, search, tokenizer, max_response_len=40, mode=mode, max_batch_size=3)
+                .run(prompts, sampling) for mode in MODES}
+        for a, s in zip(runs["async"], runs["turn_sync"]):
+            assert (a.response_ids, a.loss_mask, a.finish_reason) == (s.response_ids, s.loss_mask, s.finish_reason)
+    # seeded sampling: the same seed reproduces, another seed differs, group members differ
+    again = AgentLoop(engine, search, tokenizer, 40).run(prompts, SamplingParams(seed=7))
+    assert [t.response_ids for t in again] == [t.response_ids for t in runs["async"]]
+    other = AgentLoop(engine, search, tokenizer, 40).run(prompts, SamplingParams(seed=8))
+    assert [t.response_ids for t in other] != [t.response_ids for t in again]
+    assert again[0].response_ids != again[2].response_ids  # same prompt, different trajectory index
+
+
+def test_async_batcher_batches_pending_requests_and_reports_engine_errors(tokenizer):
+    import asyncio
+
+    from research_rl.agent_loop import AsyncBatcher
+
+    prompts = [_prompt(tokenizer, f"User: q{i}") for i in range(5)]
+    eos = tokenizer.eos_token
+    engine = ScriptedEngine(tokenizer, {p: [f" <answer> {i} </answer>{eos}"] for i, p in enumerate(prompts)})
+    batcher = AsyncBatcher(engine, max_batch_size=2)
+
+    async def main():
+        outs = await asyncio.gather(*(batcher.generate_one(list(p), 50, SamplingParams()) for p in prompts))
+        await batcher.close()
+        return outs
+
+    outs = asyncio.run(main())
+    assert engine.calls == [2, 2, 1] and batcher.batch_sizes == [2, 2, 1]
+    assert [o.finish for o in outs] == ["eos"] * 5
+
+    def broken(*args):
+        raise ValueError("engine down")
+
+    engine.generate = broken
+    batcher = AsyncBatcher(engine, max_batch_size=2)
+
+    async def fail():
+        try:
+            await batcher.generate_one(list(prompts[0]), 5, SamplingParams())
+        finally:
+            await batcher.close()
+
+    with pytest.raises(ValueError, match="engine down"):
+        asyncio.run(fail())
+    with pytest.raises(ValueError, match="rollout.mode"):
+        AgentLoop(engine, _search, tokenizer, 10, mode="sync")
+
+
+def test_async_sends_queries_produced_together_in_one_call(tokenizer):
+    """Trajectories whose generations come back together search in one retriever call; nothing waits for more."""
+    eos = tokenizer.eos_token
+    prompts = [_prompt(tokenizer, f"User: together {i}") for i in range(3)]
+    engine = ScriptedEngine(tokenizer, {p: [f"<search> q{i} </search>", f" <answer> {i} </answer>{eos}"]
+                                        for i, p in enumerate(prompts)})
+    calls = []
+
+    async def search(queries):
+        calls.append(list(queries))
+        return [[f"about {q}"] for q in queries]
+
+    trajs = AgentLoop(engine, None, tokenizer, 200, async_search_fn=search).run([list(p) for p in prompts],
+                                                                              SamplingParams())
+    assert calls == [["q0", "q1", "q2"]]
+    assert [t.queries for t in trajs] == [["q0"], ["q1"], ["q2"]]
+    assert all(format_observation([f"about q{i}"]) in t.response_text for i, t in enumerate(trajs))

@@ -52,6 +52,12 @@ def test_paper_settings_in_7b_experiment():
     ("learner.backend=megatron", "learner.backend"),
     ("learner.zero_stage=1", "learner.zero_stage"),
     ("learner.max_tokens_per_micro_batch=0", "learner.max_tokens_per_micro_batch"),
+    ("rollout.mode=sync", "rollout.mode"),
+    ("rollout.batch_wait_ms=-1", "rollout.batch_wait_ms"),
+    ("rollout.vllm_sleep_level=3", "rollout.vllm_sleep_level"),
+    ("rollout.vllm_gpu_memory_utilization=1.5", "rollout.vllm_gpu_memory_utilization"),
+    ("rollout.vllm_max_model_len=1000", "rollout.vllm_max_model_len"),  # < max_prompt_len + max_response_len
+    ("rollout.engine=vllm", "rollout.num_gpus_per_worker"),  # vLLM runs on GPUs
 ])
 def test_bad_override_names_the_key(override, key):
     with pytest.raises(ConfigError) as e:

@@ -12,7 +12,7 @@ MODULES = ["research_rl.config", "research_rl.data", "research_rl.reward", "rese
            "research_rl.templates", "research_rl.learner", "research_rl.trainer", "research_rl.retriever",
            "research_rl.warmup", "research_rl.checkpoint", "research_rl.hf_engine", "research_rl.evaluation",
            "research_rl.evaluate", "research_rl.metrics", "research_rl.export",
-           "research_rl.learner_worker"]
+           "research_rl.learner_worker", "research_rl.vllm_engine", "research_rl.rollout_worker"]
 
 
 def test_core_modules_do_not_import_heavy_backends():
@@ -29,3 +29,11 @@ def test_reward_is_pure_python():
     out = subprocess.run([sys.executable, "-c", "import sys, research_rl.reward; print('torch' in sys.modules)"],
                          capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_vllm_engine_without_vllm_names_the_install():
+    code = ("import sys; sys.modules['vllm'] = None\n"  # as if vllm were not installed
+            "from research_rl.vllm_engine import VLLMEngine\n"
+            "try:\n    VLLMEngine('m', None)\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "rollout.engine=vllm needs vllm: pip install -e '.[vllm]'" in out.stdout, out.stderr

@@ -1,0 +1,370 @@
+"""vLLM rollout engine (``rollout.engine=vllm``): the only module that imports vllm (STYLE 7).
+
+The agent loop (ReSearch §2.1; research_rl/agent_loop.py) talks to vLLM's ``AsyncLLM`` token-in/token-out: every
+request is a ``TokensPrompt`` of the trajectory's ids so far (prompt + generated + inserted result ids), and the
+continuation comes back as token ids, never as re-tokenised text. Each request stops at the ``</search>`` stop
+string (kept in the output) or the tokenizer's EOS id, with the shared response budget as ``max_tokens``. EOS is
+the tokenizer's ``eos_token_id`` only (``ignore_eos`` + ``stop_token_ids``), exactly as the HF engine: other ids a
+model's generation config lists as EOS do not stop generation. Sampling: temperature, top-p (no top-k) and a
+per-request ``seed`` (``agent_loop.request_seed``), so a trajectory's tokens do not depend on which requests share
+its decoding steps.
+
+``AsyncLLM`` runs on an event loop of its own, in a background thread, so one engine serves the agent loop's
+``asyncio.run`` calls one after the other (``generate_one`` from any loop), the turn-synchronous ``generate`` and
+the driver's blocking calls (weight sync, log-prob probe, sleep/wake).
+
+Weight sync: ``WeightSyncExtension`` is vLLM's ``worker_extension_cls``: ``collective_rpc("rl_load_bucket", ...)``
+runs it in every vLLM worker (every tensor-parallel rank), which hands the bucket (full tensors with the learner's
+Hugging Face names, sent as ``torch.save`` bytes through vLLM's RPC) to the model's own ``load_weights`` (it fuses q/k/v and gate/up and shards for tensor
+parallelism). On CPU and in colocated placement the buckets come from learner rank 0 through the Ray object store
+(``RolloutWorker.load_weights``). After a sync the prefix cache is reset (its KV entries were computed with the old
+weights). The log-prob probe (``log_probs``) asks vLLM for ``prompt_logprobs`` of a fixed sequence.
+
+Disaggregated GPU placement would broadcast buckets over NCCL from learner rank 0 to the engines' workers instead:
+``WeightSyncExtension.init_weight_group`` / ``receive_broadcast`` and ``NcclWeightSender`` below. **That path is
+untested** (written without GPUs) and not yet called by the trainer, whose learner workers would need to hold a
+``NcclWeightSender``.
+
+Colocated placement: between rollouts the engine sleeps (``rollout.vllm_sleep_level``; vLLM sleep mode: level 1
+frees the KV cache and moves weights to CPU memory, level 2 frees both since the next sync rewrites them) so the
+learner has the GPU memory; ``wake_up(["weights"])`` precedes a sync and ``wake_up()`` a rollout. vLLM's CPU backend
+has no sleep mode: on CPU ``sleep`` is a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import os
+import threading
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from research_rl.agent_loop import SEARCH_CLOSE, GenerationOutput, SamplingParams, request_seed
+
+
+class WeightSyncExtension:
+    """Mixed into each vLLM worker (``worker_extension_cls``); its methods run through ``collective_rpc``.
+
+    A sync is a session: ``rl_begin_sync`` puts the model in vLLM's layerwise reload state (kernel-format
+    tensors set aside; layers take checkpoint-format weights again), each ``load_bucket`` loads Hugging Face-named
+    tensors through the model's ``load_weights`` (a layer is re-processed into kernel format once all its weights
+    arrived, wherever the bucket boundaries fall), ``rl_finish_sync`` processes the rest. vLLM repacks some
+    weights after loading (e.g. linear layers for the CPU kernels), so loading into the live parameters would fail.
+    """
+
+    def rl_begin_sync(self) -> None:
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
+
+        with set_current_vllm_config(self.vllm_config):
+            initialize_layerwise_reload(self.model_runner.model)
+
+    def rl_load_bucket(self, bucket: Mapping[str, torch.Tensor] | bytes) -> int:
+        """Load full tensors named as in the Hugging Face checkpoint (a dict, or one serialised with ``torch.save``
+        as ``VLLMEngine`` sends it); returns the number of elements received."""
+        from vllm.config import set_current_vllm_config
+
+        if isinstance(bucket, bytes):
+            bucket = torch.load(io.BytesIO(bucket), weights_only=True)
+        with set_current_vllm_config(self.vllm_config):
+            self.model_runner.model.load_weights(weights=list(bucket.items()))
+        return sum(t.numel() for t in bucket.values())
+
+    def rl_finish_sync(self) -> None:
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+        from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+        from vllm.platforms import current_platform
+
+        model = self.model_runner.model
+        with set_current_vllm_config(self.vllm_config):
+            finalize_layerwise_reload(model, self.vllm_config.model_config)
+            if current_platform.is_cpu():
+                # The CPU backend's (tied) LM head multiplies with a oneDNN handle packed from the embedding at load
+                # time; the reload updates the embedding in place but not the handle: pack it again.
+                for module in model.modules():
+                    if isinstance(module, VocabParallelEmbedding) and hasattr(module, "cpu_linear"):
+                        module.quant_method.process_weights_after_loading(module)
+
+    # ------------------------------------------------------------------ NCCL (disaggregated GPU; untested)
+    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
+        """Join the broadcast group of learner rank 0 (rank 0) and every engine worker (``rank_offset`` + its
+        tensor-parallel rank). UNTESTED: needs GPUs."""
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        rank = rank_offset + self.rank if hasattr(self, "rank") else rank_offset
+        group = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size)
+        self._weight_group = PyNcclCommunicator(group, device=self.device)
+
+    def receive_broadcast(self, specs: list[tuple[str, str, list[int]]]) -> int:
+        """Receive one bucket broadcast by learner rank 0: ``specs`` = (name, dtype, shape) in send order.
+        UNTESTED: needs GPUs."""
+        bucket = {}
+        for name, dtype, shape in specs:
+            t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+            self._weight_group.broadcast(t, src=0, stream=torch.cuda.current_stream())
+            bucket[name] = t
+        torch.cuda.current_stream().synchronize()
+        return self.rl_load_bucket(bucket)  # inside the session VLLMEngine.receive_broadcast_buckets opened
+
+
+class NcclWeightSender:
+    """Learner rank 0's side of the NCCL broadcast group (disaggregated GPU placement). UNTESTED: needs GPUs.
+
+    Usage: ``NcclWeightSender(host, port, world_size)`` on learner rank 0 while each engine calls
+    ``VLLMEngine.init_weight_group(host, port, 1 + engine_index * tp, world_size)`` (world size = 1 + engines × tp);
+    per sync, the engines run ``VLLMEngine.receive_broadcast_buckets(specs per bucket)`` while rank 0 calls
+    ``send(bucket)`` for each bucket in the same order.
+    """
+
+    def __init__(self, host: str, port: int, world_size: int, device: str = "cuda"):
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        group = StatelessProcessGroup.create(host=host, port=port, rank=0, world_size=world_size)
+        self.comm = PyNcclCommunicator(group, device=torch.device(device))
+
+    @staticmethod
+    def specs(bucket: Mapping[str, torch.Tensor]) -> list[tuple[str, str, list[int]]]:
+        return [(name, str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in bucket.items()]
+
+    def send(self, bucket: Mapping[str, torch.Tensor]) -> None:
+        for t in bucket.values():
+            self.comm.broadcast(t.cuda().contiguous(), src=0, stream=torch.cuda.current_stream())
+        torch.cuda.current_stream().synchronize()
+
+
+class VLLMEngine:
+    """A vLLM ``AsyncLLM`` behind the agent loop's engine interfaces (``generate`` and ``generate_one``).
+
+    Args:
+        model_path: HF model id or local directory (weights are then replaced by weight sync).
+        tokenizer: the policy tokenizer (its ``eos_token_id`` stops generation).
+        dtype: ``float32`` | ``bfloat16`` | ``float16`` (``model.dtype``; float32 on CPU).
+        max_model_len: tokens per sequence (prompt + response).
+        max_num_seqs: sequences per decoding step (``rollout.max_batch_size``).
+        tensor_parallel_size: GPUs per engine.
+        gpu_memory_utilization: fraction of each GPU's memory for weights + KV cache.
+        enable_sleep_mode: allow ``sleep``/``wake_up`` (GPU only).
+        enforce_eager: no CUDA graphs.
+        seed: engine seed (requests carry their own).
+        cpu_kv_cache_gb: KV cache on the CPU backend, GiB.
+    Raises:
+        ImportError: vllm is not installed (``pip install -e '.[vllm]'`` on GPU machines).
+    """
+
+    def __init__(self, model_path: str, tokenizer, dtype: str = "bfloat16", max_model_len: int = 8704,
+                 max_num_seqs: int = 256, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
+                 enable_sleep_mode: bool = False, enforce_eager: bool = False, seed: int = 0,
+                 cpu_kv_cache_gb: int = 1):
+        try:
+            import vllm  # noqa: F401  (fail here, with the install hint, rather than in the event-loop thread)
+        except ImportError as e:
+            raise ImportError("rollout.engine=vllm needs vllm: pip install -e '.[vllm]' on a GPU machine (CPU "
+                              "contract tests: make test-vllm)") from e
+
+        self.tokenizer = tokenizer
+        self.eos_id = tokenizer.eos_token_id
+        self.model_path = model_path
+        self.on_cpu = not torch.cuda.is_available()
+        if self.on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gb))
+            dtype = "float32"
+        self.sleep_enabled = enable_sleep_mode and not self.on_cpu
+        self.sleeping = 0  # the level the engine sleeps at; 0 = awake
+        self._ids = itertools.count()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine", daemon=True)
+        self._thread.start()
+        args = dict(model=model_path, tokenizer=model_path, dtype=dtype, max_model_len=max_model_len,
+                    max_num_seqs=max_num_seqs, tensor_parallel_size=tensor_parallel_size,
+                    gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled,
+                    enforce_eager=enforce_eager or self.on_cpu, seed=seed, disable_log_stats=True,
+                    worker_extension_cls=f"{__name__}.WeightSyncExtension")
+        if self.on_cpu:
+            # vLLM's CPU worker fails on a seeded request caught in a partial (chunked) prefill ("CPU Generator
+            # does not use offset"): prefill every prompt whole
+            args.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
+        self.llm = self._call(self._start(args))
+        self._names = self._parameter_names(model_path)
+
+    @classmethod
+    def from_config(cls, cfg, model_path: str, tokenizer, dtype: str, max_model_len: int) -> "VLLMEngine":
+        """From ``RolloutConfig`` (``rollout.vllm_*``, ``max_batch_size``), ``model.dtype`` and the sequence limit."""
+        return cls(model_path, tokenizer, dtype=dtype, max_model_len=max_model_len, max_num_seqs=cfg.max_batch_size,
+                   tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+                   gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=cfg.vllm_sleep_level > 0,
+                   enforce_eager=cfg.vllm_enforce_eager, cpu_kv_cache_gb=cfg.vllm_cpu_kv_cache_gb)
+
+    async def _start(self, args: dict):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+
+    def _call(self, coro):
+        """Run a coroutine on the engine's loop and wait for it (from a thread that is not that loop's)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    @staticmethod
+    def _parameter_names(model_path: str) -> set[str]:
+        """The Hugging Face parameter names a full sync must cover (tied aliases counted once), from the model's
+        config on the meta device."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+        seen, names = set(), set()
+        for name, p in model.named_parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                names.add(name)
+        return names
+
+    # ------------------------------------------------------------------ generation
+    def _params(self, budget: int, sampling: SamplingParams, seed: int):
+        from vllm import SamplingParams as VSamplingParams
+
+        common = dict(max_tokens=budget, stop=[SEARCH_CLOSE], include_stop_str_in_output=True,
+                      stop_token_ids=[self.eos_id], ignore_eos=True, skip_special_tokens=False,
+                      spaces_between_special_tokens=False, detokenize=True)
+        if sampling.is_greedy:
+            return VSamplingParams(temperature=0.0, **common)
+        return VSamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=-1, seed=seed, **common)
+
+    async def _generate(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingParams,
+                        seed: int) -> GenerationOutput:
+        from vllm.inputs import TokensPrompt
+
+        if max_new_tokens <= 0:
+            return GenerationOutput([], "length")
+        final = None
+        async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)),
+                                           self._params(max_new_tokens, sampling, seed), f"rollout-{next(self._ids)}"):
+            final = out
+        c = final.outputs[0]
+        ids = list(c.token_ids)
+        if ids and ids[-1] == self.eos_id:
+            finish = "eos"
+        elif c.finish_reason == "stop" and c.stop_reason == SEARCH_CLOSE:
+            finish = "search"
+        else:
+            finish = "length"
+        return GenerationOutput(ids, finish)
+
+    async def generate_one(self, prompt_ids: Sequence[int], max_new_tokens: int,
+                           sampling: SamplingParams) -> GenerationOutput:
+        """``agent_loop.AsyncGenerationEngine.generate_one``, callable from any event loop; vLLM batches the
+        in-flight requests at every decoding step."""
+        fut = asyncio.run_coroutine_threadsafe(
+            self._generate(prompt_ids, max_new_tokens, sampling, sampling.seed), self._loop)
+        return await asyncio.wrap_future(fut)
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
+                 sampling: SamplingParams, seeds: Sequence[int] | None = None) -> list[GenerationOutput]:
+        """``agent_loop.GenerationEngine.generate``: all prompts submitted at once, results in order."""
+        if seeds is None:
+            seeds = [request_seed(sampling.seed, i, 0) for i in range(len(prompts))]
+
+        async def run():
+            return await asyncio.gather(*(self._generate(p, b, sampling, s)
+                                          for p, b, s in zip(prompts, max_new_tokens, seeds)))
+
+        return self._call(run())
+
+    # ------------------------------------------------------------------ weights, probe, sleep
+    def load_buckets(self, buckets: Iterable[Mapping[str, torch.Tensor]]) -> int:
+        """One weight sync: every bucket of full tensors (Hugging Face names) into every worker, as one vLLM
+        reload session (``WeightSyncExtension``); buckets are consumed one at a time. Returns the elements loaded.
+
+        Raises:
+            KeyError: a name the rollout model does not have (the session is still closed).
+        """
+        n = 0
+        self._call(self.llm.collective_rpc("rl_begin_sync"))
+        try:
+            for bucket in buckets:
+                unknown = set(bucket) - self._names
+                if unknown:
+                    raise KeyError(f"weight sync: the rollout model has no parameter {sorted(unknown)[0]!r}")
+                buf = io.BytesIO()  # vLLM's RPC serialiser does not carry tensors inside a dict; torch.save's bytes do
+                torch.save({k: v.detach().cpu().contiguous() for k, v in bucket.items()}, buf)
+                self._call(self.llm.collective_rpc("rl_load_bucket", args=(buf.getvalue(),)))
+                n += sum(t.numel() for t in bucket.values())
+        finally:
+            self._call(self.llm.collective_rpc("rl_finish_sync"))
+            self._call(self.llm.reset_prefix_cache())  # cached KV was computed with the old weights
+        return n
+
+    def load_weights(self, named_tensors: Mapping[str, torch.Tensor]) -> int:
+        """A whole sync in one bucket (``load_buckets([named_tensors])``): a layer whose weights are only partly
+        in it would be re-processed from partial weights, so send a sync's buckets through ``load_buckets``."""
+        return self.load_buckets([named_tensors])
+
+    def parameter_names(self) -> set[str]:
+        return set(self._names)
+
+    # ------------------------------------------------------------------ NCCL sync (disaggregated GPU; UNTESTED)
+    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
+        """Join learner rank 0's broadcast group (``NcclWeightSender``); this engine's workers take ranks
+        ``rank_offset`` .. ``rank_offset + tensor_parallel_size - 1``. UNTESTED: needs GPUs."""
+        self._call(self.llm.collective_rpc("init_weight_group", args=(host, port, rank_offset, world_size)))
+
+    def receive_broadcast_buckets(self, bucket_specs: Iterable[list[tuple[str, str, list[int]]]]) -> None:
+        """One sync over NCCL: per bucket, receive the tensors ``NcclWeightSender.send`` broadcasts (``specs`` from
+        ``NcclWeightSender.specs``, sent ahead through Ray), in one reload session. UNTESTED: needs GPUs."""
+        self._call(self.llm.collective_rpc("rl_begin_sync"))
+        try:
+            for specs in bucket_specs:
+                self._call(self.llm.collective_rpc("receive_broadcast", args=(specs,)))
+        finally:
+            self._call(self.llm.collective_rpc("rl_finish_sync"))
+            self._call(self.llm.reset_prefix_cache())
+
+    def log_probs(self, sequence: Sequence[int]) -> torch.Tensor:
+        """Log-probs of tokens 1..L-1 of one sequence under the engine's weights (vLLM ``prompt_logprobs``,
+        raw model log-probs), float32 ``[L-1]``."""
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        async def run():
+            final = None
+            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(sequence)),
+                                               VSamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0),
+                                               f"probe-{next(self._ids)}"):
+                final = out
+            return final.prompt_logprobs
+
+        self.wake_up()  # the probe runs right after a sync, when only the weights are awake
+        plp = self._call(run())
+        return torch.tensor([plp[i][tok].logprob for i, tok in enumerate(sequence) if i > 0], dtype=torch.float32)
+
+    def sleep(self, level: int = 1) -> None:
+        """Free GPU memory between rollouts (module docstring); a no-op on CPU or without sleep mode."""
+        if self.sleep_enabled and not self.sleeping:
+            self._call(self.llm.sleep(level))
+            self.sleeping = level
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Bring back ``tags`` (``["weights"]``, ``["kv_cache"]``; ``None`` = everything)."""
+        if self.sleeping:
+            self._call(self.llm.wake_up(tags))
+            if tags is None or "kv_cache" in tags:
+                self.sleeping = 0
+
+    def shutdown(self) -> None:
+        """Stop the engine (its core process) and the event-loop thread."""
+        import gc
+
+        async def stop():
+            self.llm.shutdown()
+
+        self._call(stop())
+        self.llm = None
+        gc.collect()  # AsyncLLM.__del__ now, not at interpreter exit (where it fails on torn-down globals)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)

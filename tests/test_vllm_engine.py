@@ -1,0 +1,177 @@
+"""The vLLM adapter (research_rl/vllm_engine.py) against the real vLLM API, on CPU (``make test-vllm``: a separate
+venv with the CPU build of vLLM). Skipped where vllm is not importable.
+
+The tiny model has head_dim 64 (vLLM's CPU attention rejects smaller heads). A few supervised steps teach it two
+scripted trajectories (search, then answer), so that greedy decoding emits ``</search>`` and EOS; those weights
+reach the engine only through weight sync (``load_weights`` from buckets), as the learner's would.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+vllm = pytest.importorskip("vllm")
+
+import torch  # noqa: E402
+
+from research_rl.agent_loop import MODES, AgentLoop, SamplingParams, format_observation  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+QUESTIONS = ["Who directed Ed Wood?", "Where is Nissedal?"]
+SCRIPT = {  # question -> (first segment, answer after the result)
+    QUESTIONS[0]: ("<think> director </think> <search> Ed Wood film </search>", " <answer> \\boxed{Tim Burton} </answer>"),
+    QUESTIONS[1]: ("<think> place </think> <search> Nissedal </search>", " <answer> \\boxed{Norway} </answer>"),
+}
+
+
+def _passages(query: str) -> list[str]:
+    return [f"passage on {query}"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from research_rl.config import DebugModelConfig
+    from research_rl.debug_model import build_debug_model
+    from tests.conftest import ROOT
+
+    out = tmp_path_factory.mktemp("vllm") / "model"
+    build_debug_model(str(out), str(ROOT / "data/corpus/corpus.jsonl"), [str(ROOT / "data/musique/train.jsonl")],
+                      DebugModelConfig(vocab_size=2048, hidden_size=128, intermediate_size=256, num_layers=2,
+                                       num_heads=2, num_kv_heads=1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def _prompt(tok, q):
+    from research_rl.templates import encode_prompt
+
+    return encode_prompt(q, "base", tok)
+
+
+@pytest.fixture(scope="module")
+def trained(model_dir, tok):
+    """The 'learner': the HF model after supervised steps on the scripted trajectories (the token stream the agent
+    loop builds: prompt + segment + inserted result + answer + EOS)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)  # on a shared 2-core machine, 2 OpenMP threads ran these steps ~40× slower
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    seqs = []
+    for q, (first, answer) in SCRIPT.items():
+        query = first.split("<search>")[1].split("</search>")[0].strip()
+        ids = (_prompt(tok, q) + tok.encode(first, add_special_tokens=False)
+               + tok.encode(format_observation(_passages(query)), add_special_tokens=False, split_special_tokens=True)
+               + tok.encode(answer, add_special_tokens=False) + [tok.eos_token_id])
+        seqs.append(torch.tensor([ids]))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = sum(model(input_ids=s, labels=s).loss for s in seqs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1 * len(seqs), loss.item()
+    return model.eval()
+
+
+def _buckets(model, per_bucket: int = 5) -> list[dict[str, torch.Tensor]]:
+    """Full tensors in buckets of ``per_bucket``, tied aliases once (what ``Learner.weight_buckets`` sends)."""
+    seen, items = set(), []
+    for name, p in model.named_parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            items.append((name, p.detach().clone()))
+    return [dict(items[i:i + per_bucket]) for i in range(0, len(items), per_bucket)]
+
+
+def _hf_log_probs(model, seq):
+    ids = torch.tensor([seq])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, :-1]
+    return torch.log_softmax(logits.float(), -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir, tok):
+    from research_rl.vllm_engine import VLLMEngine
+
+    eng = VLLMEngine(str(model_dir), tok, dtype="float32", max_model_len=1024, max_num_seqs=8)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def synced(engine, trained, tok):
+    """The engine after a weight sync from the 'learner'; checks the log-prob probe before and after."""
+    seq = _prompt(tok, QUESTIONS[0]) + tok.encode(SCRIPT[QUESTIONS[0]][0], add_special_tokens=False)
+    before = (engine.log_probs(seq) - _hf_log_probs(trained, seq)).abs().max()
+    buckets = _buckets(trained)
+    assert len(buckets) > 1
+    assert set().union(*buckets) == engine.parameter_names()  # a full sync covers every parameter
+    engine.load_buckets(iter(buckets))  # one sync; q/k/v of a layer may sit in different buckets
+    after = (engine.log_probs(seq) - _hf_log_probs(trained, seq)).abs().max()
+    return float(before), float(after)
+
+
+def test_weight_update_brings_engine_log_probs_to_the_learners(synced, engine):
+    before, after = synced
+    assert before > 0.1, before  # the engine started from the untrained weights
+    assert after < 1e-4, after  # the probe tolerance (trainer.probe_tolerance) is 1e-3
+    with pytest.raises(KeyError, match="no parameter"):
+        engine.load_weights({"model.not_a_layer.weight": torch.zeros(2)})
+
+
+def test_generation_stops_at_search_and_eos(synced, engine, tok):
+    p = _prompt(tok, QUESTIONS[0])
+    (out,) = engine.generate([p], [64], SamplingParams(greedy=True))
+    first = tok.encode(SCRIPT[QUESTIONS[0]][0], add_special_tokens=False)
+    assert (out.finish, out.token_ids) == ("search", first)  # stops right after </search>, kept in the output
+    result = tok.encode(format_observation(_passages("Ed Wood film")), add_special_tokens=False,
+                        split_special_tokens=True)
+    (out2,) = engine.generate([p + first + result], [64], SamplingParams(greedy=True))
+    assert out2.finish == "eos" and out2.token_ids[-1] == tok.eos_token_id
+    assert tok.decode(out2.token_ids[:-1]) == tok.decode(tok.encode(SCRIPT[QUESTIONS[0]][1], add_special_tokens=False))
+    (cut,) = engine.generate([p], [3], SamplingParams(greedy=True))
+    assert (cut.finish, cut.token_ids) == ("length", first[:3])
+
+
+def test_continuation_from_token_ids_equals_single_pass(synced, engine, tok):
+    p = _prompt(tok, "An unseen question about Oslo?")
+    (whole,) = engine.generate([p], [40], SamplingParams(greedy=True))
+    n = len(whole.token_ids) // 2
+    assert n > 0
+    (rest,) = engine.generate([p + whole.token_ids[:n]], [40 - n], SamplingParams(greedy=True))
+    assert whole.token_ids[:n] + rest.token_ids == whole.token_ids
+    # seeded sampling: the same request seed reproduces the same tokens, in any batch
+    s = SamplingParams(temperature=1.0, seed=11)
+    a = engine.generate([p, p, p], [20, 20, 20], s, seeds=[1, 2, 1])
+    assert a[0].token_ids == a[2].token_ids
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_agent_loop_on_vllm_matches_the_hf_engine(synced, engine, trained, tok, model_dir, tmp_path, mode):
+    """The same weights in the HF engine and in vLLM: greedy trajectories (ids, loss masks, queries, finish) agree."""
+    from research_rl.hf_engine import HFEngine
+
+    trained.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    hf = HFEngine(str(tmp_path / "hf"), tok, max_batch_size=4)
+    prompts = [_prompt(tok, q) for q in QUESTIONS] * 2
+
+    def search(queries):
+        return [_passages(q) for q in queries]
+
+    g = SamplingParams(greedy=True)
+    on_vllm = AgentLoop(engine, search, tok, 120, mode=mode).run(prompts, g)
+    on_hf = AgentLoop(hf, search, tok, 120, mode=mode).run(prompts, g)
+    assert [t.queries for t in on_vllm] == [["Ed Wood film"], ["Nissedal"]] * 2
+    assert all(t.finish_reason == "eos" for t in on_vllm)
+    for v, h in zip(on_vllm, on_hf):
+        assert (v.response_ids, v.loss_mask, v.queries, v.finish_reason) == \
+            (h.response_ids, h.loss_mask, h.queries, h.finish_reason)
