@@ -29,7 +29,8 @@ def _run(model_dir, index_dir, run_dir, sync: bool, steps: int) -> list[float]:
         "rollout.group_size=4", "rollout.max_response_len=448", "rollout.max_turns=1", "retriever.top_k=1",
         "warmup.steps=80", "warmup.batch_size=8", "warmup.search_fraction=0.5", "warmup.lr=3e-3",
         "learner.lr=5e-4", "learner.micro_batch_size=32", "algo.kl_coef=0.05", "algo.entropy_coef=0",
-        "validation.every=0", "trainer.save_every=0", f"trainer.weight_sync={str(sync).lower()}"]
+        "validation.every=0", "trainer.save_every=0", f"trainer.weight_sync={str(sync).lower()}",
+        "rollout.mode=turn_sync"]  # the first steps of both runs must match exactly: batches fixed by the turn
     proc = _train(overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return _rewards(run_dir)

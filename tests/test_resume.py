@@ -42,7 +42,9 @@ def _overrides(model_dir, index_dir, run_dir, train_file, *extra: str) -> list[s
             f"trainer.output_dir={run_dir}", f"data.train_files=[{train_file}]", "warmup.steps=4",
             "warmup.batch_size=2", "trainer.prompts_per_step=2", "rollout.group_size=2",
             "rollout.max_response_len=48", "retriever.top_k=1", "validation.every=0", "trainer.save_every=1",
-            "trainer.max_minutes=null", "ray.num_cpus=4", "learner.micro_batch_size=2", *extra]
+            "trainer.max_minutes=null", "ray.num_cpus=4", "learner.micro_batch_size=2",
+            "rollout.mode=turn_sync",  # batches fixed by the turn: bitwise repeatable (async batches follow timing)
+            *extra]
 
 
 def _steps(run_dir: Path) -> dict[int, dict]:
