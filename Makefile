@@ -57,6 +57,7 @@ $(VLLM_STAMP): pyproject.toml
 install-vllm: $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -c "import vllm"  # fail loudly here rather than skip every test below
 	$(VLLM_VENV)/bin/python -m pytest tests/test_vllm_engine.py -q -m vllm $(PYTEST_ARGS)
 
 clean:
