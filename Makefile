@@ -13,7 +13,7 @@ export RAY_AUTH_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo artifacts test test-fast test-vllm install-vllm clean
+.PHONY: install demo artifacts test test-fast test-vllm install-vllm install-trl bench clean
 
 # torch goes in first from its CPU build and stays held by constraints.txt: an unpinned torch requirement
 # anywhere below would otherwise pull the CUDA build.
@@ -59,6 +59,25 @@ install-vllm: $(VLLM_STAMP)
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -c "import vllm"  # fail loudly here rather than skip every test below
 	$(VLLM_VENV)/bin/python -m pytest tests/test_vllm_engine.py -q -m vllm $(PYTEST_ARGS)
+
+# TRL for the side-by-side benchmark (bench/compare_trl.py). A separate venv so TRL never becomes a runtime
+# dependency; torch first from its CPU build, then research-rl with the bench-trl extra under the same constraints,
+# so both trainers run on the same torch/transformers.
+TRL_VENV  := .venv-trl
+TRL_STAMP := $(TRL_VENV)/.installed
+
+$(TRL_STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/pip install -q --upgrade pip
+	$(TRL_VENV)/bin/pip install -q torch==2.13.0
+	$(TRL_VENV)/bin/pip install -q -c constraints.txt -e '.[bench-trl]'
+	touch $(TRL_STAMP)
+
+install-trl: $(TRL_STAMP)
+
+# Every benchmark at quick settings; writes outputs/bench/run_all.{json,md} (bench/run_all.py --help).
+bench: install
+	$(BIN)/python bench/run_all.py
 
 clean:
 	rm -rf artifacts outputs multirun .pytest_cache
