@@ -106,7 +106,7 @@ def run_research_rl(args, warm: Path, out_dir: Path) -> dict:
            f"rollout.group_size={args.group_size}", f"rollout.max_response_len={args.max_response_len}",
            f"learner.micro_batch_size={args.prompts * args.group_size}", "algo.entropy_coef=0",
            "validation.every=0", "validation.before_training=false", "trainer.save_every=0",
-           "trainer.max_minutes=null", "trainer.logger=none", f"retriever.index_dir={args.index}",
+           "trainer.max_minutes=null", f"retriever.index_dir={args.index}",
            f"trainer.output_dir={out_dir}"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4, help="GRPO steps per run")
     p.add_argument("--prompts", type=int, default=2, help="prompts per step")
     p.add_argument("--group-size", type=int, default=5)
-    p.add_argument("--max-response-len", type=int, default=256, help="tokens per trajectory (generated + results)")
+    p.add_argument("--max-response-len", type=int, default=1024, help="tokens per trajectory (generated + results)")
     p.add_argument("--pairs", type=int, default=2, help="A B pairs (research-rl, TRL) to run")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the TRL process")
     p.add_argument("--model", default=str(ROOT / "artifacts/debug_model"), help="debug model to warm up")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import sys
@@ -130,6 +131,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3, help="runs per cell; the median by wall time is reported")
     p.add_argument("--threads", type=int, default=2, help="torch threads (HF engine)")
+    p.add_argument("--json", help="also write the settings and rows here")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -178,6 +180,9 @@ def main() -> None:
     for r in rows:
         print(f"| {r['engine']} | {r['latency_ms']:.0f} ms | {r['mode']} | {r['wall_s']:.2f} | {r['gen_tokens']} | "
               f"{r['tok_s']:.0f} | {r['searches']:.2f} | {r['retriever_calls']} | {r['speedup']:.2f}× |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": vars(args), "trajectories": len(prompts),
+                                               "load_average": os.getloadavg()[0], "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
