@@ -39,7 +39,7 @@ TRL_PYTHON = ROOT / ".venv-trl/bin/python"
 WARM_MODEL = ROOT / "artifacts/bench_warm_model"  # shared by rollout and compare_trl (built by the first to need it)
 
 QUICK = {
-    "retriever": ["--quick", "--wait-idle", "10"],
+    "retriever": ["--quick", "--wait-idle", "10", "--retries", "0"],  # quick: a disturbed level is noted, not redone
     "learner": ["--preset", "debug", "--seq-len", "512", "--seqs", "8", "--micro-batch-size", "4", "--ranks", "1",
                 "--steps", "3", "--warmup", "1"],
     "rollout": ["--engines", "hf", "--latencies-ms", "0,20", "--questions", "4", "--repeats", "1",
@@ -182,10 +182,10 @@ def markdown(report: dict) -> str:
     b = report["benchmarks"]
     r = b.get("retriever", {}).get("result")
     if r:
-        lines += ["", "## Retriever (BM25 top-5)", "", "| system | clients | requests/s | queries/s | p50 ms | p99 ms |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += ["", "## Retriever (BM25 top-5)", "", "| system | clients | queries per request | requests/s | queries/s | p50 ms | p99 ms |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for row in r["rows"]:
-            lines.append(f"| {row['system']} | {row['clients']} | {_fmt(row['requests_per_s'], '.0f')} | "
+            lines.append(f"| {row['system']} | {row['clients']} | {row['batch']} | {_fmt(row['requests_per_s'], '.0f')} | "
                          f"{_fmt(row['queries_per_s'], '.0f')} | {_fmt(row['p50_ms'], '.1f')} | "
                          f"{_fmt(row['p99_ms'], '.1f')} |")
     r = b.get("learner", {}).get("result")
