@@ -278,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {system}: median {s['step_s']:.2f} s/step, {s['tokens_per_s']:.0f} generated tokens/s, "
                       f"reward step 1 {s['reward_first']:.3f} -> step {s['steps_run']} {s['reward_last']:.3f}, "
                       f"process {s['process_s']:.0f} s", flush=True)
+                for st in run["steps"]:
+                    print(f"    step {st['step']}: {st['step_s']:.2f} s, {st['gen_tokens'] / st['step_s']:.0f} generated "
+                          f"tokens/s, reward {st['reward']:.3f}, searches/traj {st['searches']:.2f}", flush=True)
                 load.append(os.getloadavg()[0])
     keys = ("step_s", "tokens_per_s", "reward_last", "reward_mean", "searches_per_traj", "process_s")
     med = {sysname: {k: statistics.median(r["summary"][k] for r in runs if r["system"] == sysname) for k in keys}
