@@ -38,15 +38,21 @@ def two_nodes():
     tmp = Path(tempfile.mkdtemp(prefix="rrc"))  # short: Ray's socket paths live under it
     gcs, dash = free_port(), free_port()
     common = ["--disable-usage-stats", "--block", "--temp-dir", str(tmp)]
+
+    def own_ports() -> list[str]:  # not Ray's fixed defaults, which another cluster on this machine may hold
+        return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2",
-                             "--include-dashboard=true", f"--dashboard-port={dash}", *common],
+                             "--include-dashboard=true", f"--dashboard-port={dash}",
+                             f"--ray-client-server-port={free_port()}", *own_ports(), *common],
                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     procs = [head]
     try:
         address = f"http://127.0.0.1:{dash}"
         _wait(lambda: _dashboard_up(address), 240, "the head's job server")
         procs.append(subprocess.Popen([str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=4",
-                                       '--resources={"fake_gpu": 2}', *common[:-2]],
+                                       '--resources={"fake_gpu": 2}', *own_ports(), *common[:-2]],
                                       env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         _wait(lambda: _node_count(gcs) == 2, 240, "the worker node")
         _wait_for_job_agent(address)
