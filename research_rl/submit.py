@@ -74,7 +74,7 @@ def build_job(experiment: str, overrides: list[str], storage: str | None = None,
             target = base / value
             notes.append(f"{key}: the run writes to {target} (on the node running the driver; use shared storage "
                          "on a multi-node cluster: --storage DIR)")
-        elif Path(value).parts[0] in EXCLUDES and (ROOT / value).exists():
+        elif Path(value).parts[0] in EXCLUDES:  # not uploaded: a relative path would point into the job's copy
             target = ROOT / value
             notes.append(f"{key}: {value} is not uploaded ({Path(value).parts[0]}/ is excluded); the job reads "
                          f"{target}, which every node must see")
