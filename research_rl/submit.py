@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         print("no cluster address: set RAY_ADDRESS=http://HEAD_IP:8265 or pass --address", file=sys.stderr)
         return 2
     status = submit(job, args.address, wait=not args.no_wait)
-    return 0 if status in ("SUCCEEDED", "PENDING", "RUNNING") and (args.no_wait or status == "SUCCEEDED") else 1
+    accepted = ("PENDING", "RUNNING", "SUCCEEDED") if args.no_wait else ("SUCCEEDED",)
+    return 0 if status in accepted else 1
 
 
 if __name__ == "__main__":

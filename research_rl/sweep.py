@@ -106,7 +106,7 @@ class SweepSummary(Callback):
             return
         run_dir = Path(config.hydra.runtime.output_dir)
         failed = job_return.status == JobStatus.FAILED
-        error = repr(job_return._return_value) if failed else ""
+        error = repr(job_return._return_value) if failed else ""  # the exception (``return_value`` re-raises it)
         (run_dir / STATUS_FILE).write_text(json.dumps({"status": "failed" if failed else "ok", "error": error}))
         write(config.hydra.sweep.dir)
 
