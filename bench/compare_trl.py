@@ -148,7 +148,7 @@ def trl_side(args) -> None:
     engine = HFEngine(warm, tok, max_batch_size=64)
     engine.model = model  # generate with the model being trained: no weight copy needed
     engine._params = dict(model.named_parameters(remove_duplicate=False))
-    record: dict = {"gen_tokens": [], "searches": []}
+    record: dict = {"gen_tokens": [], "searches": [], "rollout_s": []}
 
     def search(queries):
         return [[p.contents for p in ps] for ps in retriever.search(queries, TOP_K)]
@@ -158,8 +158,10 @@ def trl_side(args) -> None:
         ids = [encode_prompt(p, TEMPLATE, tok) for p in prompts]  # prompts arrive repeated num_generations times
         was_training = model.training
         model.eval()
+        t0 = time.perf_counter()
         trajs = loop.run(ids, SamplingParams(temperature=1.0, top_p=1.0, seed=SEED * 100_003 +
                                              trainer.state.global_step + 1))
+        record["rollout_s"].append(time.perf_counter() - t0)
         model.train(was_training)
         record["gen_tokens"].append(sum(t.num_generated for t in trajs))
         record["searches"].append(sum(t.num_searches for t in trajs) / len(trajs))
@@ -199,9 +201,10 @@ def trl_side(args) -> None:
     t0 = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - t0
-    steps = [{"step": i + 1, "step_s": s, "gen_tokens": g, "reward": r, "searches": q}
-             for i, (s, g, r, q) in enumerate(zip(timer.times, record["gen_tokens"], timer.rewards,
-                                                   record["searches"]))]
+    steps = [{"step": i + 1, "step_s": s, "gen_tokens": g, "reward": r, "searches": q,
+              "phases": {"timing/rollout": ro, "timing/rest": s - ro}}
+             for i, (s, g, r, q, ro) in enumerate(zip(timer.times, record["gen_tokens"], timer.rewards,
+                                                       record["searches"], record["rollout_s"]))]
     Path(args.out).write_text(json.dumps({"system": "trl", "train_s": total, "steps": steps}))
 
 
@@ -279,8 +282,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"reward step 1 {s['reward_first']:.3f} -> step {s['steps_run']} {s['reward_last']:.3f}, "
                       f"process {s['process_s']:.0f} s", flush=True)
                 for st in run["steps"]:
-                    print(f"    step {st['step']}: {st['step_s']:.2f} s, {st['gen_tokens'] / st['step_s']:.0f} generated "
-                          f"tokens/s, reward {st['reward']:.3f}, searches/traj {st['searches']:.2f}", flush=True)
+                    phases = ", ".join(f"{k.removeprefix('timing/')} {v:.2f}" for k, v in st["phases"].items()
+                                       if k != "timing/step")
+                    print(f"    step {st['step']}: {st['step_s']:.2f} s ({phases}), {st['gen_tokens'] / st['step_s']:.0f} "
+                          f"generated tokens/s, reward {st['reward']:.3f}, searches/traj {st['searches']:.2f}", flush=True)
                 load.append(os.getloadavg()[0])
     keys = ("step_s", "tokens_per_s", "reward_last", "reward_mean", "searches_per_traj", "process_s")
     med = {sysname: {k: statistics.median(r["summary"][k] for r in runs if r["system"] == sysname) for k in keys}

@@ -17,7 +17,10 @@ Batches are dicts of tensors with right-padded sequences (prompt + response):
     attention_mask [N, L] int64
     loss_mask      [N, L] int64   1 on generated response tokens, 0 on prompt, inserted results, padding
     advantages     [N]    float   (update only)
-    old_log_probs  [N, L-1], ref_log_probs [N, L-1]  (update only; position t scores token t+1)
+    ref_log_probs  [N, L-1] float (update only; position t scores token t+1; zero off the loss mask)
+    old_log_probs  [N, L-1] float (update, optional: without it the policy's own log-probs, detached, see
+                   ``_grpo_loss``; the trainer leaves it out, since one optimizer step per batch makes the
+                   recomputed values equal the current ones and the extra forward pass would buy nothing)
 
 Micro-batches: fixed ``micro_batch_size`` rows in batch order, or, with ``max_tokens_per_micro_batch``, rows
 sorted by length and packed first-fit so that rows × longest row ≤ the budget (``plan_micro_batches``). Every
@@ -206,24 +209,44 @@ class Learner:
         return {"lr": self.cfg.lr, "betas": tuple(self.cfg.betas), "weight_decay": self.cfg.weight_decay}
 
     # ================================================================ forward
-    def _forward(self, model, mb: dict[str, torch.Tensor], with_entropy: bool):
-        """Log-probs (and entropy) of every next token, ``[n, l-1]``; zero before the first loss position.
+    def _forward(self, model, mb: dict[str, torch.Tensor], with_entropy: bool, entropy_grad: bool = False):
+        """Log-probs (and entropy) of the next token at every position ``t`` with ``loss_mask[t + 1] = 1``, each
+        ``[n, l-1]`` float32; zero at every other position.
 
-        Logits are only computed from the first position any row scores (``logits_to_keep``): the prompt's
-        logits never enter the loss, and the vocabulary projection is the largest activation on long prompts.
+        Logits are only computed where the loss reads them: a forward pre-hook on the output embeddings (the LM
+        head) hands it the final hidden states of the scored positions alone, ``[1, K, d]`` for ``K`` loss tokens,
+        instead of ``[n, l, d]``. In a ReSearch trajectory most positions are prompt and inserted ``<result>``
+        passages, so this skips most of the vocabulary projection, the log-softmax and their backward (a
+        generalisation of transformers' ``logits_to_keep``). The values at the scored positions are those of the
+        full forward. ``entropy_grad``: keep the entropy in the graph (an entropy bonus); otherwise it is a
+        detached metric.
         """
         ids = mb["input_ids"].to(self.device)
         n, width = ids.shape
-        scored = mb["loss_mask"][:, 1:].any(dim=0).nonzero()
-        first = int(scored[0]) if len(scored) else width - 2  # first position t whose next token is scored
-        keep = torch.arange(first, width - 1, device=self.device)
-        logits = model(input_ids=ids, attention_mask=mb["attention_mask"].to(self.device),
-                       logits_to_keep=keep).logits  # [n, l-1-first, V]
-        log_probs = ids.new_zeros((n, width - 1), dtype=torch.float32)
-        log_probs = torch.cat([log_probs[:, :first], grpo.log_probs_from_logits(logits, ids[:, first + 1:]).float()], 1)
+        scored = mb["loss_mask"][:, 1:].to(self.device).bool()  # [n, l-1]: position t scores token t+1
+        at = torch.cat([scored, scored.new_zeros((n, 1))], dim=1)  # [n, l]: the hidden states the head needs
+
+        def select(_module, args):
+            return (args[0][at].unsqueeze(0), *args[1:])  # [n, l, d] -> [1, K, d]
+
+        attention = mb["attention_mask"].to(self.device)
+        if bool((attention[:, 1:] <= attention[:, :-1]).all()):
+            # right padding: under the causal mask no real token attends to a pad, so the padding mask changes
+            # nothing at real positions, and without it SDPA runs its causal kernel (skips the upper triangle)
+            attention = None
+        hf_model = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
+        handle = hf_model.get_output_embeddings().register_forward_pre_hook(select)
+        try:
+            logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=0).logits[0]  # [K, V]
+        finally:
+            handle.remove()
+        log_probs = torch.zeros((n, width - 1), dtype=torch.float32, device=self.device)
+        log_probs = log_probs.masked_scatter(scored, grpo.log_probs_from_logits(logits, ids[:, 1:][scored]).float())
         entropy = None
         if with_entropy:
-            entropy = torch.cat([log_probs.new_zeros((n, first)), grpo.entropy_from_logits(logits).float()], 1)
+            with contextlib.nullcontext() if entropy_grad else torch.no_grad():
+                per_token = grpo.entropy_from_logits(logits).float()  # [K]
+            entropy = torch.zeros_like(log_probs).masked_scatter(scored, per_token)
         return log_probs, entropy
 
     def _all_reduce(self, values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
@@ -247,18 +270,20 @@ class Learner:
         return plan + [None] * (most - len(plan))
 
     @torch.no_grad()
-    def compute_log_probs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Log-probs of every next token under the loaded models, rows in the batch's order.
+    def compute_log_probs(self, batch: dict[str, torch.Tensor],
+                          keys: tuple[str, ...] = ("old_log_probs", "ref_log_probs")) -> dict[str, torch.Tensor]:
+        """Log-probs of the scored tokens under the loaded models, rows in the batch's order.
 
-        Returns ``old_log_probs`` (the policy, when loaded) and ``ref_log_probs`` (the reference, when loaded),
-        each ``[N, L-1]`` float32 on CPU, zero past each micro-batch's trimmed width.
+        Returns, of ``keys``, ``old_log_probs`` (the policy, when loaded) and ``ref_log_probs`` (the reference, when
+        loaded), each ``[N, L-1]`` float32 on CPU, zero where ``loss_mask[:, 1:]`` is 0 (``_forward``).
 
         Raises:
-            RuntimeError: neither a policy nor a reference is loaded.
+            RuntimeError: none of ``keys`` has its model loaded.
         """
-        models = {k: m for k, m in (("old_log_probs", self.policy), ("ref_log_probs", self.reference)) if m is not None}
+        models = {k: m for k, m in (("old_log_probs", self.policy), ("ref_log_probs", self.reference))
+                  if m is not None and k in keys}
         if not models:
-            raise RuntimeError("compute_log_probs needs load_policy or load_reference first")
+            raise RuntimeError(f"compute_log_probs({list(keys)}) needs load_policy or load_reference first")
         n, width = batch["input_ids"].shape
         plan = self._plan(batch)
         out = {}
@@ -293,10 +318,14 @@ class Learner:
 
     def _grpo_loss(self, mb: dict[str, torch.Tensor], num_tokens: float):
         mask = mb["loss_mask"][:, 1:].to(self.device).float()
-        log_probs, entropy = self._forward(self.policy, mb, with_entropy=True)
+        log_probs, entropy = self._forward(self.policy, mb, with_entropy=True, entropy_grad=self.algo.entropy_coef != 0)
         adv = grpo.broadcast_advantages(mb["advantages"].to(self.device).float(), mask)
         ref = mb["ref_log_probs"].to(self.device) if self.algo.kl_coef > 0 else None
-        out = grpo.grpo_loss(log_probs, mb["old_log_probs"].to(self.device), ref, adv, mask, entropy,
+        # without old_log_probs the policy's own, detached: one optimizer step per batch means the policy at loss
+        # time is the one that produced (and, after the sync, scored) the batch, so the ratio is 1 with gradient
+        # ∇log π_θ, as a recomputed old_log_probs would give (TRL's GRPOTrainer with num_iterations=1 does the same)
+        old = mb["old_log_probs"].to(self.device) if "old_log_probs" in mb else log_probs.detach()
+        out = grpo.grpo_loss(log_probs, old, ref, adv, mask, entropy,
                              clip_eps=self.algo.clip_eps, kl_coef=self.algo.kl_coef,
                              entropy_coef=self.algo.entropy_coef, num_tokens=num_tokens)
         terms = {k: getattr(out, k).detach() for k in ("pg_loss", "kl", "entropy", "clip_frac", "approx_kl")}

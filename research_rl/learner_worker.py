@@ -48,8 +48,8 @@ class LearnerWorker:
     def load_reference(self, path: str, offload: bool = False) -> None:
         self.learner.load_reference(path, offload)
 
-    def compute_log_probs(self, batch: dict) -> dict:
-        return self.learner.compute_log_probs(batch)
+    def compute_log_probs(self, batch: dict, keys: tuple[str, ...] = ("old_log_probs", "ref_log_probs")) -> dict:
+        return self.learner.compute_log_probs(batch, keys)
 
     def update(self, batch: dict) -> dict:
         return self.learner.update(batch)

@@ -5,7 +5,7 @@ Each step is a sequence of named, timed phases::
     rollout → reward → logprobs → advantages → update → sync
 
 ``rollout``: RolloutWorkers run the search agent loop, ``group_size`` trajectories per prompt; ``reward``: the
-rule reward on each response; ``logprobs``: old-policy and reference log-probs from the learner; ``advantages``:
+rule reward on each response; ``logprobs``: reference log-probs (the learner uses its own, detached, as the old policy's: one optimizer step per batch); ``advantages``:
 group-normalised; ``update``: one optimizer step; ``sync``: learner weights → rollout engines in buckets, then a
 log-prob probe that fails the run if the engines drifted from the learner.
 
@@ -295,17 +295,15 @@ class GRPOTrainer:
         return [{k: v.chunk(n)[r] for k, v in batch.items()} for r in range(n)]
 
     def _log_probs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``old_log_probs`` from the learner ranks and ``ref_log_probs`` from the reference (inside the learner
-        ranks, or the separate reference group, computing at the same time), each ``[N, L-1]``."""
+        """``ref_log_probs`` ``[N, L-1]`` from the reference policy: inside the learner ranks, or in the separate
+        reference group. ``old_log_probs`` are not recomputed: with one optimizer step per batch the learner uses
+        its own log-probs, detached (``Learner._grpo_loss``), which saves a forward pass over the batch."""
         import ray
 
-        groups = [self.learners, *([self.references] if self.references else [])]
-        refs = [[w.compute_log_probs.remote(b) for w, b in zip(g, self._shard(batch, len(g)))] for g in groups]
-        out = {}
-        for parts in map(ray.get, refs):
-            for key in parts[0]:
-                out[key] = torch.cat([p[key] for p in parts])
-        return out
+        group = self.references or self.learners
+        parts = ray.get([w.compute_log_probs.remote(b, ("ref_log_probs",))
+                         for w, b in zip(group, self._shard(batch, len(group)))])
+        return {"ref_log_probs": torch.cat([p["ref_log_probs"] for p in parts])}
 
     # ================================================================= warm-up (debug only)
     def _warmup(self, out_dir: Path) -> None:

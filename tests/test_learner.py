@@ -114,3 +114,54 @@ def test_log_probs_with_only_a_reference_or_only_a_policy(learner, debug_model_d
         torch.testing.assert_close(ref["ref_log_probs"], old["old_log_probs"], rtol=0, atol=1e-6)
     with pytest.raises(RuntimeError, match="load_policy or load_reference"):
         FSDP2Learner(learner.cfg, learner.algo).compute_log_probs(batch)
+
+
+def _reference_log_probs(model_dir, batch):
+    """Log-probs the plain way: the full model, its full logits over every position, the padding mask."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    lp = torch.log_softmax(logits.float(), -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    return lp, torch.distributions.Categorical(logits=logits.float()).entropy()
+
+
+def test_forward_scores_only_loss_positions_and_matches_the_full_forward(learner, debug_model_dir):
+    """Logits only under the loss mask, no padding mask for right padding: the same values at scored positions as
+    the plain full forward, zero elsewhere; a left-padded batch (mask kept) too."""
+    learner.load_policy(str(debug_model_dir))
+    batch = _batch(seed=4)
+    batch["loss_mask"][0, 20:25] = 0  # an inserted <result> span inside the response
+    batch["loss_mask"][2, :] = 0
+    batch["loss_mask"][2, 30] = 1  # one scored token
+    left = {k: v.flip(1) for k, v in batch.items()}  # row 1 becomes left-padded: the padding mask must stay
+    left["loss_mask"] = left["loss_mask"] * left["attention_mask"]
+    for b in (batch, left):
+        want_lp, want_ent = _reference_log_probs(str(debug_model_dir), b)
+        scored = b["loss_mask"][:, 1:].bool()
+        lp, ent = learner._forward(learner.policy, b, with_entropy=True)
+        assert lp.shape == ent.shape == scored.shape
+        torch.testing.assert_close(lp[scored], want_lp[scored], rtol=0, atol=2e-5)
+        torch.testing.assert_close(ent[scored], want_ent[scored], rtol=0, atol=2e-5)
+        assert not lp[~scored].any() and not ent[~scored].any()
+        assert not ent.requires_grad  # a metric unless algo.entropy_coef != 0
+
+
+def test_update_without_old_log_probs_equals_the_recomputed_one(learner, debug_model_dir):
+    """With one optimizer step per batch, the detached current log-probs give the update that a separate
+    ``old_log_probs`` pass gives (what the trainer relies on to skip that pass)."""
+    batch = _batch(seed=5)
+    batch["advantages"] = torch.tensor([1.0, -0.5, 0.25, -1.0])
+    results = []
+    for recompute in (True, False):
+        learner.load_policy(str(debug_model_dir))
+        learner.load_reference(str(debug_model_dir))
+        b = dict(batch, **learner.compute_log_probs(batch, ("old_log_probs", "ref_log_probs") if recompute
+                                                    else ("ref_log_probs",)))
+        assert ("old_log_probs" in b) == recompute
+        metrics = learner.update(b)
+        assert metrics["actor/grad_norm"] > 0 and metrics["actor/approx_kl"] == pytest.approx(0, abs=1e-6)
+        results.append({k: v.clone() for k, v in learner.full_state_dict().items()})
+    for name in results[0]:
+        torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-5, atol=1e-7, msg=name)
