@@ -23,7 +23,7 @@ format (``<tool_call>{...}</tool_call>``) and answers as a ``tool`` message, whi
 ``<search> query </search>`` and receives ``<result> ... </result>`` inline. Using ``tools=`` would change the task
 (a different protocol, prompt and warm-up), so TRL's experimental ``rollout_func`` (TRL 1.16: prompts in, token
 ids and ``env_mask`` out) runs the ReSearch loop instead. Consequence: generation code is shared, so the ratio
-measures everything around it — orchestration, reference and old log-probs, the update, weight sync (research-rl
+measures everything around it — orchestration, reference log-probs, the update, weight sync (research-rl
 copies weights from the learner to its rollout engine each step; TRL generates with the model it trains).
 
 What differs, and why:
@@ -31,20 +31,24 @@ What differs, and why:
 - research-rl runs its distributed pipeline (Ray actors: rollout worker, learner with FSDP2 on gloo, retriever
   actor) in one machine, as ``python -m research_rl.train experiment=debug_cpu`` does; TRL runs in one process.
   That is the point of the comparison: the cost of research-rl's architecture at this tiny scale.
-- research-rl computes old log-probs in a separate forward pass each step; TRL skips it when there is one update
-  per generation (``num_iterations=1``: the ratio is taken against a detached copy of the same log-probs).
+- Neither computes old log-probs in a separate pass (one update per rollout batch: both take the ratio against a
+  detached copy of the same log-probs). research-rl computes logits only at loss positions; TRL over every
+  completion position, inserted result tokens included (masked out of its loss afterwards).
 - TRL's reward is computed after its rollout in the main process; research-rl's on the driver.
 - Reward after N steps is noisy at 2 prompts × 5 (one step's 10 rollouts): compare it as "did it learn as much",
   not as a precise figure.
 
 Runs are paired A B A B (research-rl, TRL, research-rl, TRL, ...) so that drift in the machine's load hits both;
-each run reports its per-step figures and the report gives medians over runs of the per-run medians, and ratios.
+pair ``i`` runs both systems with seed ``--seed + i`` (prompt order, rollout seeds), so the two runs of a pair start
+from identical step-1 trajectories while pairs differ. Each run reports its per-step figures and the report gives
+medians over runs of the per-run medians, and ratios; the reward difference is the mean over pairs of each pair's
+difference in mean reward over the last half of the steps.
 
 Run from the repository root with the TRL venv (``make install-trl``), which also holds research-rl, so both
 trainers run on the same torch and transformers::
 
     RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE .venv-trl/bin/python bench/compare_trl.py \\
-        --steps 4 --prompts 2 --group-size 5 --max-response-len 256 --pairs 2 --json compare_trl.json
+        --steps 4 --prompts 2 --group-size 5 --max-response-len 1024 --pairs 2 --json compare_trl.json
 """
 
 from __future__ import annotations
@@ -63,7 +67,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TRAIN_FILES = ["data/musique/train.jsonl", "data/hotpotqa/train.jsonl"]
-SEED = 42  # TrainerConfig.seed: the PromptStream order and the rollout seeds
 TEMPLATE = "instruct"
 TOP_K = 3
 MAX_TURNS = 2
@@ -89,14 +92,14 @@ def ensure_warm_model(args) -> Path:
     return warm
 
 
-def training_questions(tok, n: int):
-    """The first ``n`` questions research-rl's trainer draws (same filter, same stream, same seed)."""
+def training_questions(tok, n: int, seed: int):
+    """The first ``n`` questions research-rl's trainer draws with ``trainer.seed=seed`` (same filter, same stream)."""
     from research_rl.data import PromptStream, load_questions
     from research_rl.templates import encode_prompt
 
     keep = [q for f in TRAIN_FILES for q in load_questions(str(ROOT / f))
             if len(encode_prompt(q.question, TEMPLATE, tok)) <= MAX_PROMPT_LEN]
-    return PromptStream(keep, seed=SEED, shuffle=True).next_batch(n)
+    return PromptStream(keep, seed=seed, shuffle=True).next_batch(n)
 
 
 # ---------------------------------------------------------------------------------------------------- research-rl
@@ -106,7 +109,7 @@ def run_research_rl(args, warm: Path, out_dir: Path) -> dict:
            f"rollout.group_size={args.group_size}", f"rollout.max_response_len={args.max_response_len}",
            f"learner.micro_batch_size={args.prompts * args.group_size}", "algo.entropy_coef=0",
            "validation.every=0", "validation.before_training=false", "trainer.save_every=0",
-           "trainer.max_minutes=null", f"retriever.index_dir={args.index}",
+           "trainer.max_minutes=null", f"trainer.seed={args.seed}", f"retriever.index_dir={args.index}",
            f"trainer.output_dir={out_dir}"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -140,7 +143,7 @@ def trl_side(args) -> None:
     torch.set_num_threads(args.threads)
     warm = str(args.warm_model)
     tok = AutoTokenizer.from_pretrained(warm)
-    questions = training_questions(tok, args.steps * args.prompts)
+    questions = training_questions(tok, args.steps * args.prompts, args.seed)
     golds = {q.question: list(q.golden_answers) for q in questions}
     data = Dataset.from_list([{"prompt": q.question} for q in questions])
     retriever = Retriever(args.index, top_k=TOP_K, threads=1)
@@ -159,7 +162,7 @@ def trl_side(args) -> None:
         was_training = model.training
         model.eval()
         t0 = time.perf_counter()
-        trajs = loop.run(ids, SamplingParams(temperature=1.0, top_p=1.0, seed=SEED * 100_003 +
+        trajs = loop.run(ids, SamplingParams(temperature=1.0, top_p=1.0, seed=args.seed * 100_003 +
                                              trainer.state.global_step + 1))
         record["rollout_s"].append(time.perf_counter() - t0)
         model.train(was_training)
@@ -192,7 +195,7 @@ def trl_side(args) -> None:
         max_steps=args.steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
         adam_beta1=0.9, adam_beta2=0.999, weight_decay=0.01, max_grad_norm=1.0, beta=KL_COEF, epsilon=0.2,
         loss_type="dapo", scale_rewards="group", num_iterations=1, temperature=1.0,
-        max_completion_length=args.max_response_len, shuffle_dataset=False, seed=SEED, logging_steps=1,
+        max_completion_length=args.max_response_len, shuffle_dataset=False, seed=args.seed, logging_steps=1,
         report_to="none", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
     timer = Timer()
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -212,7 +215,7 @@ def run_trl(args, warm: Path, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--side", "trl", "--out", str(out), "--warm-model", str(warm),
            "--index", args.index, "--steps", str(args.steps), "--prompts", str(args.prompts),
            "--group-size", str(args.group_size), "--max-response-len", str(args.max_response_len),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--seed", str(args.seed)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     total = time.perf_counter() - t0
@@ -231,6 +234,7 @@ def summarize(run: dict, skip_first: bool) -> dict:
             "tokens_per_s": statistics.median(s["gen_tokens"] / s["step_s"] for s in steps),
             "reward_last": run["steps"][-1]["reward"], "reward_first": run["steps"][0]["reward"],
             "reward_mean": statistics.mean(s["reward"] for s in run["steps"]),
+            "reward_late": statistics.mean(s["reward"] for s in run["steps"][len(run["steps"]) // 2:]),
             "searches_per_traj": statistics.mean(s["searches"] for s in run["steps"]),
             "process_s": run["process_s"], "steps_run": len(run["steps"])}
 
@@ -243,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, default=5)
     p.add_argument("--max-response-len", type=int, default=1024, help="tokens per trajectory (generated + results)")
     p.add_argument("--pairs", type=int, default=2, help="A B pairs (research-rl, TRL) to run")
+    p.add_argument("--seed", type=int, default=42,
+                   help="pair i runs both systems with seed SEED + i (prompt order, rollout seeds, TRL's seed)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the TRL process")
     p.add_argument("--model", default=str(ROOT / "artifacts/debug_model"), help="debug model to warm up")
     p.add_argument("--warm-model", default=str(ROOT / "artifacts/bench_warm_model"),
@@ -272,9 +278,10 @@ def main(argv: list[str] | None = None) -> int:
                 t = time.strftime("%H:%M:%S")
                 print(f"[{t}] pair {i + 1}/{args.pairs}: {system} (load average {os.getloadavg()[0]:.1f})", flush=True)
                 out = Path(tmp) / f"{system}_{i}"
-                run = (run_research_rl(args, warm, out) if system == "research-rl"
-                       else run_trl(args, warm, out.with_suffix(".json")))
-                run["pair"] = i
+                pair_args = argparse.Namespace(**{**vars(args), "seed": args.seed + i})
+                run = (run_research_rl(pair_args, warm, out) if system == "research-rl"
+                       else run_trl(pair_args, warm, out.with_suffix(".json")))
+                run["pair"], run["seed"] = i, args.seed + i
                 run["summary"] = summarize(run, skip_first=True)
                 runs.append(run)
                 s = run["summary"]
@@ -287,25 +294,31 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"    step {st['step']}: {st['step_s']:.2f} s ({phases}), {st['gen_tokens'] / st['step_s']:.0f} "
                           f"generated tokens/s, reward {st['reward']:.3f}, searches/traj {st['searches']:.2f}", flush=True)
                 load.append(os.getloadavg()[0])
-    keys = ("step_s", "tokens_per_s", "reward_last", "reward_mean", "searches_per_traj", "process_s")
+    keys = ("step_s", "tokens_per_s", "reward_last", "reward_mean", "reward_late", "searches_per_traj", "process_s")
     med = {sysname: {k: statistics.median(r["summary"][k] for r in runs if r["system"] == sysname) for k in keys}
            for sysname in ("research-rl", "trl")}
     ratios = {"step_time_trl_over_rrl": med["trl"]["step_s"] / med["research-rl"]["step_s"],
               "tokens_per_s_rrl_over_trl": med["research-rl"]["tokens_per_s"] / med["trl"]["tokens_per_s"],
               "reward_last_rrl_minus_trl": med["research-rl"]["reward_last"] - med["trl"]["reward_last"],
+              # same seed within a pair: the mean over pairs of each pair's difference
+              "reward_late_rrl_minus_trl": statistics.mean(
+                  a["summary"]["reward_late"] - b["summary"]["reward_late"]
+                  for a, b in zip(runs[0::2], runs[1::2])),
               "process_time_trl_over_rrl": med["trl"]["process_s"] / med["research-rl"]["process_s"]}
     setting = (f"{args.steps} steps × {args.prompts} prompts × group {args.group_size}, {args.max_response_len}-token "
                f"budget, top-{TOP_K}, ≤{MAX_TURNS} searches, {args.pairs} A/B pairs; per-run medians over steps 2.."
                f"{args.steps}; load average {min(load):.1f}–{max(load):.1f} on {os.cpu_count()} CPUs")
     print(f"\n{setting}\n")
-    print("| system | s/step | generated tokens/s | reward at last step | mean reward | searches/traj | process s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| system | s/step | generated tokens/s | reward at last step | mean reward | reward, last half of steps "
+          "| searches/traj | process s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, m in med.items():
         print(f"| {name} | {m['step_s']:.2f} | {m['tokens_per_s']:.0f} | {m['reward_last']:.3f} | "
-              f"{m['reward_mean']:.3f} | {m['searches_per_traj']:.2f} | {m['process_s']:.0f} |")
+              f"{m['reward_mean']:.3f} | {m['reward_late']:.3f} | {m['searches_per_traj']:.2f} | {m['process_s']:.0f} |")
     print(f"\nratios: TRL s/step ÷ research-rl s/step = {ratios['step_time_trl_over_rrl']:.2f}; research-rl tokens/s ÷ "
           f"TRL tokens/s = {ratios['tokens_per_s_rrl_over_trl']:.2f}; reward at last step, research-rl − TRL = "
-          f"{ratios['reward_last_rrl_minus_trl']:+.3f}; whole process, TRL ÷ research-rl = "
+          f"{ratios['reward_last_rrl_minus_trl']:+.3f}; reward over the last half of the steps, research-rl − TRL "
+          f"(mean over pairs) = {ratios['reward_late_rrl_minus_trl']:+.3f}; whole process, TRL ÷ research-rl = "
           f"{ratios['process_time_trl_over_rrl']:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": vars(args), "setting": setting, "load_average": load,

@@ -206,15 +206,17 @@ def markdown(report: dict) -> str:
     r = b.get("compare_trl", {}).get("result")
     if r:
         lines += ["", "## research-rl against TRL GRPOTrainer", "", r["setting"], "",
-                  "| system | s/step | generated tokens/s | reward at last step | mean reward | searches/traj |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| system | s/step | generated tokens/s | reward at last step | mean reward | reward, last half "
+                  "| searches/traj |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for name, med in r["median"].items():
             lines.append(f"| {name} | {med['step_s']:.2f} | {med['tokens_per_s']:.0f} | {med['reward_last']:.3f} | "
-                         f"{med['reward_mean']:.3f} | {med['searches_per_traj']:.2f} |")
+                         f"{med['reward_mean']:.3f} | {med['reward_late']:.3f} | {med['searches_per_traj']:.2f} |")
         q = r["ratios"]
         lines += ["", f"TRL s/step ÷ research-rl s/step = {q['step_time_trl_over_rrl']:.2f}; research-rl tokens/s ÷ "
                   f"TRL tokens/s = {q['tokens_per_s_rrl_over_trl']:.2f}; reward at last step, research-rl − TRL = "
-                  f"{q['reward_last_rrl_minus_trl']:+.3f}."]
+                  f"{q['reward_last_rrl_minus_trl']:+.3f}; reward over the last half of the steps, research-rl − TRL "
+                  f"(mean over pairs) = {q['reward_late_rrl_minus_trl']:+.3f}."]
     return "\n".join(lines) + "\n"
 
 
