@@ -291,8 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                 for st in run["steps"]:
                     phases = ", ".join(f"{k.removeprefix('timing/')} {v:.2f}" for k, v in st["phases"].items()
                                        if k != "timing/step")
-                    print(f"    step {st['step']}: {st['step_s']:.2f} s ({phases}), {st['gen_tokens'] / st['step_s']:.0f} "
-                          f"generated tokens/s, reward {st['reward']:.3f}, searches/traj {st['searches']:.2f}", flush=True)
+                    print(f"    step {st['step']}: {st['step_s']:.2f} s ({phases}), "
+                          f"{st['gen_tokens'] / st['step_s']:.0f} generated tokens/s, reward {st['reward']:.3f}, "
+                          f"searches/traj {st['searches']:.2f}", flush=True)
                 load.append(os.getloadavg()[0])
     keys = ("step_s", "tokens_per_s", "reward_last", "reward_mean", "reward_late", "searches_per_traj", "process_s")
     med = {sysname: {k: statistics.median(r["summary"][k] for r in runs if r["system"] == sysname) for k in keys}
@@ -314,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, m in med.items():
         print(f"| {name} | {m['step_s']:.2f} | {m['tokens_per_s']:.0f} | {m['reward_last']:.3f} | "
-              f"{m['reward_mean']:.3f} | {m['reward_late']:.3f} | {m['searches_per_traj']:.2f} | {m['process_s']:.0f} |")
+              f"{m['reward_mean']:.3f} | {m['reward_late']:.3f} | {m['searches_per_traj']:.2f} | "
+              f"{m['process_s']:.0f} |")
     print(f"\nratios: TRL s/step ÷ research-rl s/step = {ratios['step_time_trl_over_rrl']:.2f}; research-rl tokens/s ÷ "
           f"TRL tokens/s = {ratios['tokens_per_s_rrl_over_trl']:.2f}; reward at last step, research-rl − TRL = "
           f"{ratios['reward_last_rrl_minus_trl']:+.3f}; reward over the last half of the steps, research-rl − TRL "

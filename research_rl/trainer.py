@@ -5,9 +5,10 @@ Each step is a sequence of named, timed phases::
     rollout → reward → logprobs → advantages → update → sync
 
 ``rollout``: RolloutWorkers run the search agent loop, ``group_size`` trajectories per prompt; ``reward``: the
-rule reward on each response; ``logprobs``: reference log-probs (the learner uses its own, detached, as the old policy's: one optimizer step per batch); ``advantages``:
-group-normalised; ``update``: one optimizer step; ``sync``: learner weights → rollout engines in buckets, then a
-log-prob probe that fails the run if the engines drifted from the learner.
+rule reward on each response; ``logprobs``: reference log-probs (the old policy's are the learner's own, detached:
+one optimizer step per batch); ``advantages``: group-normalised; ``update``: one optimizer step; ``sync``: learner
+weights → rollout engines in buckets, then a log-prob probe that fails the run if the engines drifted from the
+learner.
 
 Validation (every ``validation.every`` steps, greedy, on a fixed sample of ``validation.num_questions``) is scored by
 ``research_rl.evaluation``, the same code as ``python -m research_rl.evaluate``: ``val/<dataset>/<metric>`` and
