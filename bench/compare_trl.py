@@ -3,16 +3,16 @@
 What is the same on both sides:
 
 - the policy: one warm-up model (the debug model of ``debug_cpu`` after the debug supervised warm-up of
-  ``research_rl.warmup``, built once by ``bench/rollout.py``'s ``warm_up`` and kept in ``--warm-model``), so both
+  ``research_rl.rollout.warmup``, built once by ``bench/rollout.py``'s ``warm_up`` and kept in ``--warm-model``), so both
   start from a policy that already writes ``<think>``/``<search>``/``<answer>``;
 - the prompts: the first ``--steps × --prompts`` training questions in the order research-rl's ``PromptStream``
   draws them (seed ``trainer.seed`` = 42), rendered with the ``instruct`` template; TRL gets them in that order
   (``shuffle_dataset=False``);
 - the search loop: TRL's rollout runs research-rl's ``AgentLoop`` (same ``<search>``/``<result>`` protocol, async
   schedule, ``max_turns``, shared response budget ``--max-response-len``) on an ``HFEngine`` whose model *is* the
-  model TRL trains, over the same BM25 index (``research_rl.retriever.Retriever``, top-3); result tokens are
+  model TRL trains, over the same BM25 index (``research_rl.retrieval.retriever.Retriever``, top-3); result tokens are
   masked out of TRL's loss through ``env_mask``;
-- the reward: ``research_rl.reward.research_reward`` on the decoded response with its EOS string;
+- the reward: ``research_rl.algo.reward.research_reward`` on the decoded response with its EOS string;
 - the algorithm: group size, lr, AdamW betas and weight decay, gradient clip 1.0, constant lr, KL coefficient
   with the k3 estimator, clip ε 0.2, one update per rollout batch (the whole batch in one optimizer step),
   token-mean loss over the batch (TRL ``loss_type="dapo"``), group advantages ``(r - mean) / (std + ε)``;
@@ -83,7 +83,7 @@ def ensure_warm_model(args) -> Path:
     sys.path.insert(0, str(ROOT / "bench"))
     from rollout import warm_up
 
-    from research_rl.retriever import Retriever
+    from research_rl.retrieval.retriever import Retriever
 
     print(f"building the warm-up model in {warm} (150 supervised steps)", flush=True)
     warm.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,7 @@ def ensure_warm_model(args) -> Path:
 def training_questions(tok, n: int, seed: int):
     """The first ``n`` questions research-rl's trainer draws with ``trainer.seed=seed`` (same filter, same stream)."""
     from research_rl.data import PromptStream, load_questions
-    from research_rl.templates import encode_prompt
+    from research_rl.algo.templates import encode_prompt
 
     keep = [q for f in TRAIN_FILES for q in load_questions(str(ROOT / f))
             if len(encode_prompt(q.question, TEMPLATE, tok)) <= MAX_PROMPT_LEN]
@@ -134,11 +134,11 @@ def trl_side(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from research_rl.agent_loop import AgentLoop, SamplingParams
-    from research_rl.hf_engine import HFEngine
-    from research_rl.retriever import Retriever
-    from research_rl.reward import research_reward
-    from research_rl.templates import encode_prompt
+    from research_rl.rollout.agent_loop import AgentLoop, SamplingParams
+    from research_rl.rollout.hf_engine import HFEngine
+    from research_rl.retrieval.retriever import Retriever
+    from research_rl.algo.reward import research_reward
+    from research_rl.algo.templates import encode_prompt
 
     torch.set_num_threads(args.threads)
     warm = str(args.warm_model)

@@ -79,8 +79,8 @@ def _batch(seqs: int, seq_len: int, vocab: int, seed: int) -> dict[str, torch.Te
 def _rank(rank: int, world: int, port: int, args: dict, model_dir: str, out: str) -> None:
     import torch.distributed as dist
 
-    from research_rl.config import AlgoConfig, LearnerConfig
-    from research_rl.learner import learner_class
+    from research_rl.config.schema import AlgoConfig, LearnerConfig
+    from research_rl.learner.core import learner_class
 
     cuda = torch.cuda.is_available()
     if cuda:

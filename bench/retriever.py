@@ -15,7 +15,7 @@ What it measures -- BM25 top-5 over the full shipped corpus, one index, one quer
   pyserini ``LuceneSearcher.search(q, k)`` and reads each hit's document with ``searcher.doc(docid).raw()``; same
   request and response JSON as (a). Two deliberate deviations, both in the baseline's favour: no access log
   (uvicorn's default logs every request) and no ``title``/``text`` fields in the documents.
-- (d)  the ceiling: in-process ``research_rl.bm25.BM25Searcher(index, threads=2).batch_search`` over batches of
+- (d)  the ceiling: in-process ``research_rl.retrieval.bm25.BM25Searcher(index, threads=2).batch_search`` over batches of
   ``--ceiling-batch`` queries (latency = one batch call), in a spawned process that nothing else competes with.
 
 How: every client is a closed loop (a request, its answer, the next request) for ``--seconds`` per concurrency level
@@ -67,7 +67,7 @@ from pathlib import Path
 
 import numpy as np
 
-from research_rl.search_batcher import normalize_query  # the batcher's cache key: what "distinct" means
+from research_rl.retrieval.batcher import normalize_query  # the batcher's cache key: what "distinct" means
 
 REPO = Path(__file__).resolve().parent.parent
 TOP_K = 5
@@ -405,7 +405,7 @@ def stop_process(terminate, kill, wait) -> None:
 
 def serve_baseline(index_dir: str, port: int) -> None:
     """Search-R1's BM25 ``retrieval_server.py`` serving path (see the module docstring); runs until terminated."""
-    import research_rl.bm25  # noqa: F401 -- prepares Java before pyserini/jnius are imported
+    import research_rl.retrieval.bm25  # noqa: F401 -- prepares Java before pyserini/jnius are imported
 
     from typing import List, Optional
 
@@ -475,8 +475,8 @@ def run_actor(args) -> list[Row]:
     """(b) and (b'): one ``RetrieverActor`` on a local Ray cluster, called from asyncio tasks on this driver."""
     import ray
 
-    from research_rl.config import RetrieverConfig
-    from research_rl.retriever_actor import start_retrievers
+    from research_rl.config.schema import RetrieverConfig
+    from research_rl.roles.retriever_actor import start_retrievers
 
     overrides = {k: getattr(args, k) for k in ("max_wait_ms", "max_batch_size") if getattr(args, k) is not None}
     cfg = RetrieverConfig(index_dir=args.index, top_k=TOP_K, threads=args.threads, num_cpus=1, **overrides)
@@ -536,7 +536,7 @@ def run_ray_floor(args, stream: QueryStream) -> list[Row]:
 
 def ceiling_worker(args_dict: dict) -> list[dict]:
     """In a spawned process: ``BM25Searcher.batch_search`` over batches of distinct queries, per batch size."""
-    from research_rl.bm25 import BM25Searcher
+    from research_rl.retrieval.bm25 import BM25Searcher
 
     args = argparse.Namespace(**args_dict)
     searcher = BM25Searcher(args.index, threads=args.threads)
@@ -632,7 +632,7 @@ def wait_idle(max_wait_s: float, busy_cores: float = BUSY_CORES, quiet_s: float 
 
 def ensure_index(args) -> None:
     """Build ``args.index`` from ``args.corpus`` unless its manifest names that corpus's sha256 (exit on failure)."""
-    from research_rl.retriever import corpus_sha256, read_manifest
+    from research_rl.retrieval.index import corpus_sha256, read_manifest
 
     try:
         if read_manifest(args.index).get("corpus_sha256") == corpus_sha256(args.corpus):

@@ -5,7 +5,7 @@ Both schedules run the same prompts (``--questions`` dev questions × ``--group-
 settings and retriever (the project's HTTP service, ``python -m retriever_service.serve``, over the real BM25
 index). The added latency is paid once per retriever call: turn_sync makes one batched call per turn, async one call
 per query, concurrently. A random model seldom searches, so by default the policy is first given the debug
-warm-up (``research_rl.warmup``: supervised steps on synthesised search trajectories, as ``conf/experiment/
+warm-up (``research_rl.rollout.warmup``: supervised steps on synthesised search trajectories, as ``conf/experiment/
 debug_cpu.yaml`` does), written once to ``--warm-model`` and reused by later runs (also from the vLLM venv).
 
     # terminal 1 (the project's venv): the retrieval service
@@ -36,7 +36,7 @@ def warm_up(model_dir: str, out_dir: Path, client, args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from research_rl.data import load_corpus, load_questions
-    from research_rl.warmup import collate, synthesize
+    from research_rl.rollout.warmup import collate, synthesize
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     questions = [q for f in ("data/musique/train.jsonl", "data/hotpotqa/train.jsonl")
@@ -73,17 +73,17 @@ def warm_up(model_dir: str, out_dir: Path, client, args) -> None:
 
 def make_engine(name: str, model_dir: str, tok, args):
     if name == "hf":
-        from research_rl.hf_engine import HFEngine
+        from research_rl.rollout.hf_engine import HFEngine
 
         return HFEngine(model_dir, tok, max_batch_size=args.max_batch_size)
-    from research_rl.vllm_engine import VLLMEngine
+    from research_rl.rollout.vllm_engine import VLLMEngine
 
     return VLLMEngine(model_dir, tok, dtype="float32", max_model_len=512 + args.max_response_len,
                       max_num_seqs=args.max_batch_size)
 
 
 def run_once(engine, tok, client, prompts, mode: str, latency_s: float, args) -> dict:
-    from research_rl.agent_loop import AgentLoop, SamplingParams
+    from research_rl.rollout.agent_loop import AgentLoop, SamplingParams
 
     calls = []
 
@@ -138,8 +138,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from research_rl.data import load_questions
-    from research_rl.retriever_client import RetrieverClient
-    from research_rl.templates import encode_prompt
+    from research_rl.retrieval.client import RetrieverClient
+    from research_rl.algo.templates import encode_prompt
 
     torch.set_num_threads(args.threads)
     client = RetrieverClient(url=args.url, timeout_s=60)

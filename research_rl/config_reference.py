@@ -1,4 +1,4 @@
-"""The configuration reference, generated from the typed schema in ``research_rl/config.py``.
+"""The configuration reference, generated from the typed schema in ``research_rl/config/schema.py``.
 
 ``python -m research_rl.config_reference`` writes ``docs/configuration.md``: one table per section (``model``,
 ``data``, ``retriever``, ...) with every key's type, default and the comment beside it in the schema, under the
@@ -17,12 +17,12 @@ import tokenize
 import typing
 from pathlib import Path
 
-from research_rl.config import Config
+from research_rl.config.schema import Config
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 HEADER = """# Configuration reference
 
-Generated from the typed schema in `research_rl/config.py` by `python -m research_rl.config_reference`; a test
+Generated from the typed schema in `research_rl/config/schema.py` by `python -m research_rl.config_reference`; a test
 fails when it is stale. Every key can be set in an experiment file (`conf/experiment/*.yaml`) or overridden on the
 command line (`python -m research_rl.train experiment=debug_cpu retriever.top_k=3`). An unknown key or a value of the
 wrong type fails when the config is composed. Cross-field checks (batch divisibility, the GPU budget, CPUs of a local

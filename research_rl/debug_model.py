@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from research_rl.config import DebugModelConfig
+from research_rl.config.schema import DebugModelConfig
 from research_rl.data import iter_jsonl
-from research_rl.templates import SYSTEM_PROMPT, BASE_TEMPLATE
+from research_rl.algo.templates import SYSTEM_PROMPT, BASE_TEMPLATE
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TAG_TOKENS = ["<think>", "</think>", "<search>", "</search>", "<result>", "</result>", "<answer>", "</answer>", "\\boxed{"]
@@ -133,7 +133,7 @@ def build_debug_model(out_dir: str, corpus_path: str, question_files: list[str],
 
 
 def main() -> None:
-    from research_rl.cli import compose_from_argv
+    from research_rl.config.compose import compose_from_argv
 
     cfg, flags = compose_from_argv(flags={"--force"})
     built = build_debug_model(cfg.model.path, cfg.data.corpus_path, cfg.data.train_files, cfg.model.debug,

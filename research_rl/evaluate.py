@@ -4,12 +4,12 @@
 The ReSearch inference pipeline of the paper's §3.1 evaluation, in one process (no Ray): the policy on Hugging Face
 transformers (CUDA when available, else CPU), the same ``AgentLoop`` as training, greedy decoding, the shared
 ``rollout.max_response_len`` token budget and ``rollout.max_turns``, and the retriever core
-(``research_rl.retriever.Retriever`` over ``retriever.index_dir``, or the HTTP service at ``retriever.url``) with
+(``research_rl.retrieval.retriever.Retriever`` over ``retriever.index_dir``, or the HTTP service at ``retriever.url``) with
 top-k ``retriever.top_k`` (5 in the paper). The prompt template is ``model.template`` (``base``: the paper's raw
 prompt; ``instruct``: system prompt + chat template), honoured for the method and the baselines alike.
 
 ``eval.method``: ``research`` (the agent loop), ``naive_generation`` or ``naive_rag`` (the paper's baselines, FlashRAG
-prompts; see ``research_rl.evaluation``). Scoring is ``research_rl.evaluation`` (also used by the trainer's
+prompts; see ``research_rl.algo.evaluation``). Scoring is ``research_rl.algo.evaluation`` (also used by the trainer's
 validation); an LLM judge runs when ``eval.judge.base_url`` is set.
 
 Writes to ``eval.output_dir``: ``examples_<dataset>.jsonl`` (question, golden answers, prediction, the prompt, the
@@ -32,8 +32,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from research_rl.cli import CONF_DIR
-from research_rl.config import Config, ConfigError, EvalConfig, load_config
+from research_rl.config.compose import CONF_DIR
+from research_rl.config.schema import Config, ConfigError, EvalConfig, load_config
 
 METHOD_LABELS = {"research": "ReSearch", "naive_generation": "Naive Generation", "naive_rag": "Naive RAG"}
 
@@ -46,7 +46,7 @@ def question_files(ev: EvalConfig) -> list[tuple[str, str]]:
         ConfigError: a file does not exist (naming ``eval.files`` or ``eval.datasets``) or two files share a dataset
             name.
     """
-    from research_rl.evaluation import question_file
+    from research_rl.algo.evaluation import question_file
 
     if ev.files:
         key, pairs = "eval.files", [(Path(f).parent.name, f) for f in ev.files]
@@ -79,26 +79,26 @@ class Evaluator:
         import torch
         from transformers import AutoTokenizer
 
-        from research_rl.agent_loop import AgentLoop, SamplingParams
-        from research_rl.hf_engine import HFEngine
-        from research_rl.trainer import _check_service, _looks_local
+        from research_rl.rollout.agent_loop import AgentLoop, SamplingParams
+        from research_rl.rollout.hf_engine import HFEngine
+        from research_rl.config.preflight import check_service, looks_local
 
         self.cfg = cfg
         if cfg.rollout.torch_threads:
             torch.set_num_threads(cfg.rollout.torch_threads)
-        if _looks_local(cfg.model.path) and not (Path(cfg.model.path) / "config.json").is_file():
+        if looks_local(cfg.model.path) and not (Path(cfg.model.path) / "config.json").is_file():
             raise FileNotFoundError(f"model.path={cfg.model.path} is not a model directory")
         self.search_fn = None
         if cfg.eval.method != "naive_generation":
             if cfg.retriever.url:
-                from research_rl.retriever_client import RetrieverClient
+                from research_rl.retrieval.client import RetrieverClient
 
-                _check_service(cfg.retriever.url, cfg.retriever.timeout_s)
+                check_service(cfg.retriever.url, cfg.retriever.timeout_s)
                 client = RetrieverClient(url=cfg.retriever.url, timeout_s=cfg.retriever.timeout_s)
                 self.search_fn = lambda qs: [None if ps is None else [p.contents for p in ps]
                                              for ps in client.search(qs, cfg.retriever.top_k)]
             else:
-                from research_rl.retriever import Retriever
+                from research_rl.retrieval.retriever import Retriever
 
                 if not Path(cfg.data.corpus_path).is_file():
                     raise FileNotFoundError(f"data.corpus_path={cfg.data.corpus_path} not found (the retriever checks "
@@ -118,8 +118,8 @@ class Evaluator:
 
     def run_batch(self, questions: list, dataset: str) -> list[dict]:
         """Generate and score; one row per question (the ``examples_<dataset>.jsonl`` record)."""
-        from research_rl.evaluation import render_baseline_prompt, score_example
-        from research_rl.templates import render_prompt
+        from research_rl.algo.evaluation import render_baseline_prompt, score_example
+        from research_rl.algo.templates import render_prompt
 
         cfg, tok, method = self.cfg, self.tokenizer, self.cfg.eval.method
         extra: list[dict] = [{} for _ in questions]
@@ -191,7 +191,7 @@ def run_evaluation(cfg: Config) -> dict:
     """
     from tqdm import tqdm
 
-    from research_rl import evaluation
+    from research_rl.algo import evaluation
     from research_rl.data import load_questions
 
     ev = cfg.eval
@@ -202,7 +202,7 @@ def run_evaluation(cfg: Config) -> dict:
                for name, path in files}
     judge = summarize = None
     if ev.judge.base_url:
-        from research_rl.judge import JudgeClient, summarize
+        from research_rl.algo.judge import JudgeClient, summarize
 
         judge = JudgeClient(base_url=ev.judge.base_url, model=ev.judge.model, api_key_env=ev.judge.api_key_env,
                             timeout_s=ev.judge.timeout_s, max_retries=ev.judge.max_retries,

@@ -20,8 +20,9 @@ from typing import Iterator
 
 import torch
 
-from research_rl.checkpoint import SHARDED, cut_buckets, write_hf_model
-from research_rl.learner import BACKEND_FILE, HF_CONFIG_DIR, tied_aliases
+from research_rl.driver.checkpoint import SHARDED
+from research_rl.learner.weights import cut_buckets, tied_aliases, write_hf_model
+from research_rl.learner.core import BACKEND_FILE, HF_CONFIG_DIR
 
 
 def sharded_dir(ckpt: str | Path) -> Path:
@@ -55,7 +56,7 @@ def _zero_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """The fp32 master weights of a DeepSpeed ZeRO checkpoint, one tensor at a time (``lazy_mode``)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from research_rl.learner_deepspeed import TAG
+    from research_rl.learner.deepspeed_backend import TAG
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG, lazy_mode=True)
     for name in list(state):

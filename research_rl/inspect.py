@@ -28,9 +28,9 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from research_rl.agent_loop import EMPTY_QUERY_OBSERVATION, SEARCH_FAILED_OBSERVATION
+from research_rl.rollout.agent_loop import EMPTY_QUERY_OBSERVATION, SEARCH_FAILED_OBSERVATION
 from research_rl.data import DataError, iter_jsonl
-from research_rl.reward import exact_match, f1_score
+from research_rl.algo.reward import exact_match, f1_score
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_FIELDS = ("step", "question_id", "question", "golden_answers", "response", "reward", "reason", "answer",

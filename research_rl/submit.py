@@ -53,13 +53,13 @@ def build_job(experiment: str, overrides: list[str], storage: str | None = None,
     """Compose and validate the config, then the job's entrypoint and runtime environment.
 
     Raises:
-        research_rl.config.ConfigError: a bad experiment or override (the key is named).
+        research_rl.config.schema.ConfigError: a bad experiment or override (the key is named).
         ValueError: an ``--env`` entry that is not ``KEY=VALUE``.
     """
     from omegaconf import OmegaConf
 
-    from research_rl.cli import compose_config
-    from research_rl.config import to_dict
+    from research_rl.config.compose import compose_config
+    from research_rl.config.schema import to_dict
 
     overrides = [o for o in overrides if not o.startswith("ray.address=")]
     cfg = compose_config([f"experiment={experiment}", *overrides, "ray.address=auto"])
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print", dest="print_only", action="store_true",
                         help="print the job id, runtime env (JSON) and entrypoint, one per line, and exit")
     args = parser.parse_args(argv)
-    from research_rl.config import ConfigError
+    from research_rl.config.schema import ConfigError
 
     try:
         job = build_job(args.experiment, args.overrides, args.storage, args.env, args.pip, args.python)

@@ -12,8 +12,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from research_rl.cli import CONF_DIR
-from research_rl.config import ConfigError, load_config
+from research_rl.config.compose import CONF_DIR
+from research_rl.config.schema import ConfigError, load_config
 
 
 def format_summary(s: dict) -> str:
@@ -75,7 +75,7 @@ def main(dcfg: DictConfig) -> dict:
         if multirun:
             raise  # the sweep records this run as failed and goes on with the next one
         sys.exit(str(e))
-    from research_rl.trainer import GRPOTrainer
+    from research_rl.driver.trainer import GRPOTrainer
 
     trainer = GRPOTrainer(cfg)
     try:

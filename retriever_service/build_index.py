@@ -9,15 +9,15 @@ Usage::
         [--ivf-nprobe N] [--pq-m 64] [--threads N] [--force]
 
 DESIGN, Retrieval: ReSearch searches top-5 passages with E5-base-v2 dense retrieval over an exact inner-product index.
-``--kind dense`` builds that (``research_rl.dense``; default encoder the bundled all-MiniLM-L6-v2, a deviation since
+``--kind dense`` builds that (``research_rl.retrieval.dense``; default encoder the bundled all-MiniLM-L6-v2, a deviation since
 no E5 weights can be downloaded here; ``--encoder intfloat/e5-base-v2`` where it is available). ``--kind bm25`` builds
-the pyserini/Lucene BM25 index (``research_rl.bm25``), the Search-R1-style alternative used in CPU debug mode.
+the pyserini/Lucene BM25 index (``research_rl.retrieval.bm25``), the Search-R1-style alternative used in CPU debug mode.
 
 Steps: validate the corpus (every line a JSON object with string ``id`` and ``contents``, ids unique; the first error
 is reported as ``FILE:LINE: reason``, exit 1); if ``--out`` already holds an index of the same kind built from a corpus
 with the same sha256 (for dense: also the same encoder, prefixes, index type and any index parameter given), report
 it up to date and exit 0 unless ``--force``; otherwise build into a temporary directory next to ``--out``, write
-``manifest.json`` (see ``research_rl.retriever.write_manifest``) and rename it into place, so a crash never leaves a
+``manifest.json`` (see ``research_rl.retrieval.retriever.write_manifest``) and rename it into place, so a crash never leaves a
 half-built index at ``--out``. An existing directory that is not such an index is only replaced with ``--force``.
 
 Dense builds keep their work in ``.<out name>.building-dense/`` next to ``--out``: ``chunks/`` holds the passage
@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 
-from research_rl.retriever import MANIFEST_NAME, read_manifest, write_manifest
+from research_rl.retrieval.index import MANIFEST_NAME, read_manifest, write_manifest
 
 
 class CorpusError(ValueError):
@@ -53,7 +53,7 @@ def validate_corpus(path: str | Path) -> tuple[int, str]:
         path: JSONL file; each non-blank line a JSON object with string ``id`` and ``contents`` (other keys allowed).
 
     Returns:
-        (number of passages, sha256 of the file's bytes -- equal to ``research_rl.retriever.corpus_sha256``).
+        (number of passages, sha256 of the file's bytes -- equal to ``research_rl.retrieval.retriever.corpus_sha256``).
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -131,7 +131,7 @@ def build(corpus: str, kind: str, out: str, threads: int | None = None, force: b
     Args:
         corpus, kind, out, force: as the CLI's ``--corpus``, ``--kind``, ``--out``, ``--force``.
         threads: bm25: indexing threads (None = 1); dense: torch and faiss threads (None = their defaults).
-        dense_options: keyword arguments of ``research_rl.dense.build_dense_index`` (``encoder``, ``index_type``,
+        dense_options: keyword arguments of ``research_rl.retrieval.dense.build_dense_index`` (``encoder``, ``index_type``,
             ``batch_size``, ``chunk_size``, ``device``, ``fp16``, prefixes, index parameters, ``on_chunk``,
             ``progress``); dense only.
 
@@ -155,7 +155,7 @@ def build(corpus: str, kind: str, out: str, threads: int | None = None, force: b
     out_path = Path(out)
     spec = None
     if kind == "dense":
-        from research_rl.dense import DEFAULT_ENCODER, default_prefixes, encoder_id
+        from research_rl.retrieval.dense import DEFAULT_ENCODER, default_prefixes, encoder_id
 
         encoder = dense_options.get("encoder") or DEFAULT_ENCODER
         q_default, p_default = default_prefixes(encoder)
@@ -177,7 +177,7 @@ def build(corpus: str, kind: str, out: str, threads: int | None = None, force: b
         return _build_dense(corpus, count, out_path, threads, dense_options)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.building-", dir=out_path.parent))
     try:
-        from research_rl.bm25 import build_bm25_index
+        from research_rl.retrieval.bm25 import build_bm25_index
 
         t0 = time.perf_counter()
         indexed = build_bm25_index(str(corpus), str(tmp), threads=threads or 1)
@@ -204,7 +204,7 @@ def build(corpus: str, kind: str, out: str, threads: int | None = None, force: b
 def _build_dense(corpus: str, count: int, out_path: Path, threads: int | None, options: dict) -> dict:
     """Encode into ``.<out>.building-dense/chunks`` (kept on failure, for a rerun to resume), build the index in a
     fresh ``index-*`` directory beside it, rename that to ``out_path``, then remove the work directory."""
-    from research_rl.dense import build_dense_index
+    from research_rl.retrieval.dense import build_dense_index
 
     work = dense_work_dir(out_path)
     work.mkdir(parents=True, exist_ok=True)

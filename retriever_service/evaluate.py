@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 from research_rl.data import DataError, Question, load_questions
-from research_rl.retriever import IndexNotFoundError, Retriever, read_manifest
+from research_rl.retrieval.retriever import Retriever
+from research_rl.retrieval.index import IndexNotFoundError, read_manifest
 
 
 def recall_at_k(questions: list[Question], retrieved: list[list[str]], ks: list[int]) -> dict:

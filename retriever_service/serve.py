@@ -44,8 +44,9 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from research_rl.retriever import Passage, Retriever
-from research_rl.search_batcher import RetrievalError, SearchBatcher
+from research_rl.retrieval.retriever import Retriever
+from research_rl.retrieval.index import Passage
+from research_rl.retrieval.batcher import RetrievalError, SearchBatcher
 
 log = logging.getLogger("retriever_service")
 
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from research_rl.retriever import read_manifest
+    from research_rl.retrieval.index import read_manifest
 
     try:
         kind = args.kind or read_manifest(args.index).get("kind", "bm25")

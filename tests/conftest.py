@@ -13,14 +13,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests run the in-process BM25 retriever (a JVM) and in-process Ray drivers in this one process: Ray's failure
 # signal handler would replace the JVM's SIGSEGV handler and ray.shutdown() would reset it to the default, killing
-# the process at the JVM's next implicit null check (research_rl.bm25). Set before anything imports ray.
+# the process at the JVM's next implicit null check (research_rl.retrieval.bm25). Set before anything imports ray.
 os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
 
 
 @pytest.fixture(scope="session")
 def debug_model_dir(tmp_path_factory) -> Path:
     """A tiny Qwen2 model + tokenizer trained on the shipped corpus (built once per session)."""
-    from research_rl.config import DebugModelConfig
+    from research_rl.config.schema import DebugModelConfig
     from research_rl.debug_model import build_debug_model
 
     out = tmp_path_factory.mktemp("model") / "debug_model"

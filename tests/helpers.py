@@ -16,7 +16,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from research_rl.agent_loop import GenerationOutput
+from research_rl.rollout.agent_loop import GenerationOutput
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from research_rl.agent_loop import (
+from research_rl.rollout.agent_loop import (
     EMPTY_QUERY_OBSERVATION,
     MODES,
     SEARCH_FAILED_OBSERVATION,
@@ -150,8 +150,8 @@ def test_raising_search_function_is_a_bug_not_an_outage(tokenizer, mode):
 
 def test_real_hf_engine_loop(debug_model_dir, tokenizer):
     """The same loop on the real HF engine: budgets hold, masks line up, ids are never re-tokenised."""
-    from research_rl.hf_engine import HFEngine
-    from research_rl.templates import encode_prompt
+    from research_rl.rollout.hf_engine import HFEngine
+    from research_rl.algo.templates import encode_prompt
 
     engine = HFEngine(str(debug_model_dir), tokenizer, max_batch_size=4)
     prompts = [encode_prompt(q, "instruct", tokenizer) for q in ["Who directed Ed Wood?", "Where is Nissedal?"]] * 3
@@ -173,7 +173,7 @@ def test_real_hf_engine_loop(debug_model_dir, tokenizer):
 
 def test_hf_engine_stops_at_search_and_respects_budgets(debug_model_dir, tokenizer):
     """Force the engine to emit </search> by biasing its logits; it must stop right there, per sequence."""
-    from research_rl.hf_engine import HFEngine
+    from research_rl.rollout.hf_engine import HFEngine
 
     engine = HFEngine(str(debug_model_dir), tokenizer, max_batch_size=8)
     close = tokenizer.convert_tokens_to_ids("</search>")
@@ -193,7 +193,7 @@ def test_hf_engine_stops_at_search_and_respects_budgets(debug_model_dir, tokeniz
 
 def test_observation_format():
     """DESIGN: passages' contents joined by a blank line, inside " <result>\\n" ... "\\n</result>"."""
-    from research_rl.agent_loop import format_observation
+    from research_rl.rollout.agent_loop import format_observation
 
     assert format_observation(['"A"\nfirst', '"B"\nsecond']) == ' <result>\n"A"\nfirst\n\n"B"\nsecond\n</result>'
     assert format_observation([]) == " <result>\n\n</result>"
@@ -233,7 +233,7 @@ def _learner_rows(trajs, pad_id):
     """What the learner trains on: the driver's batch (``GRPOTrainer._batch``) row by row."""
     from types import SimpleNamespace
 
-    from research_rl.trainer import GRPOTrainer
+    from research_rl.driver.trainer import GRPOTrainer
 
     batch = GRPOTrainer._batch(SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=pad_id)),
                                [dataclasses.asdict(t) for t in trajs])
@@ -249,7 +249,7 @@ def test_token_stream_is_prompt_plus_generated_plus_inserted_ids(tokenizer, temp
     """Token-in/token-out, turn by turn: each engine call sees exactly the ids so far (prompt + earlier generated
     + inserted ids), and the learner's sequence is prompt + generated + inserted ids, with loss mask 1 exactly on
     the generated ones."""
-    from research_rl.templates import encode_prompt
+    from research_rl.algo.templates import encode_prompt
 
     prompts = [tuple(encode_prompt(q, template, tokenizer)) for q in ["Who directed Ed Wood?", "Where is Nissedal?",
                                                                        "Is Paris in France?", "Who wrote Hamlet?"]]
@@ -293,8 +293,8 @@ def test_token_stream_is_prompt_plus_generated_plus_inserted_ids(tokenizer, temp
 def test_real_hf_engine_gives_the_same_trajectories_in_both_schedules(debug_model_dir, tokenizer, template):
     """Greedy and seeded sampling: the HF engine's trajectories do not depend on the schedule (per-request seeds;
     the async batches differ from turn_sync's)."""
-    from research_rl.hf_engine import HFEngine
-    from research_rl.templates import encode_prompt
+    from research_rl.rollout.hf_engine import HFEngine
+    from research_rl.algo.templates import encode_prompt
 
     engine = HFEngine(str(debug_model_dir), tokenizer, max_batch_size=3)
     prompts = [encode_prompt(q, template, tokenizer) for q in ["Who directed Ed Wood?", "Where is Nissedal?"]] * 2
@@ -319,7 +319,7 @@ def test_real_hf_engine_gives_the_same_trajectories_in_both_schedules(debug_mode
 def test_async_batcher_batches_pending_requests_and_reports_engine_errors(tokenizer):
     import asyncio
 
-    from research_rl.agent_loop import AsyncBatcher
+    from research_rl.rollout.agent_loop import AsyncBatcher
 
     prompts = [_prompt(tokenizer, f"User: q{i}") for i in range(5)]
     eos = tokenizer.eos_token

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-from research_rl import checkpoint as ckpt
+from research_rl.driver import checkpoint as ckpt
 
 pytestmark = pytest.mark.unit
 

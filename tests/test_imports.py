@@ -8,11 +8,11 @@ import pytest
 
 pytestmark = pytest.mark.unit
 
-MODULES = ["research_rl.config", "research_rl.data", "research_rl.reward", "research_rl.grpo", "research_rl.agent_loop",
-           "research_rl.templates", "research_rl.learner", "research_rl.trainer", "research_rl.retriever",
-           "research_rl.warmup", "research_rl.checkpoint", "research_rl.hf_engine", "research_rl.evaluation",
-           "research_rl.evaluate", "research_rl.metrics", "research_rl.export",
-           "research_rl.learner_worker", "research_rl.vllm_engine", "research_rl.rollout_worker"]
+MODULES = ["research_rl.config.schema", "research_rl.data", "research_rl.algo.reward", "research_rl.algo.grpo", "research_rl.rollout.agent_loop",
+           "research_rl.algo.templates", "research_rl.learner.core", "research_rl.driver.trainer", "research_rl.retrieval.retriever",
+           "research_rl.rollout.warmup", "research_rl.driver.checkpoint", "research_rl.rollout.hf_engine", "research_rl.algo.evaluation",
+           "research_rl.evaluate", "research_rl.driver.metrics", "research_rl.export",
+           "research_rl.roles.learner_worker", "research_rl.rollout.vllm_engine", "research_rl.roles.rollout_worker"]
 
 
 def test_core_modules_do_not_import_heavy_backends():
@@ -26,14 +26,14 @@ def test_core_modules_do_not_import_heavy_backends():
 
 
 def test_reward_is_pure_python():
-    out = subprocess.run([sys.executable, "-c", "import sys, research_rl.reward; print('torch' in sys.modules)"],
+    out = subprocess.run([sys.executable, "-c", "import sys, research_rl.algo.reward; print('torch' in sys.modules)"],
                          capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
 
 
 def test_vllm_engine_without_vllm_names_the_install():
     code = ("import sys; sys.modules['vllm'] = None\n"  # as if vllm were not installed
-            "from research_rl.vllm_engine import VLLMEngine\n"
+            "from research_rl.rollout.vllm_engine import VLLMEngine\n"
             "try:\n    VLLMEngine('m', None)\nexcept ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "rollout.engine=vllm needs vllm: pip install -e '.[vllm]'" in out.stdout, out.stderr

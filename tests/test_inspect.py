@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from research_rl.agent_loop import SEARCH_FAILED_OBSERVATION, format_observation
+from research_rl.rollout.agent_loop import SEARCH_FAILED_OBSERVATION, format_observation
 from research_rl.inspect import fold_results, main
 
 pytestmark = pytest.mark.unit
@@ -64,8 +64,8 @@ def run(tmp_path) -> Path:
 
 def test_rows_match_what_the_trainer_writes(tmp_path):
     """`_row` has the keys, in order, of the rows `GRPOTrainer._dump_rollouts` writes (called on a stand-in self)."""
-    from research_rl.reward import RewardResult
-    from research_rl.trainer import GRPOTrainer
+    from research_rl.algo.reward import RewardResult
+    from research_rl.driver.trainer import GRPOTrainer
 
     (tmp_path / "rollouts").mkdir()
     fake = SimpleNamespace(cfg=SimpleNamespace(trainer=SimpleNamespace(rollouts_to_log=-1)), run_dir=tmp_path, step=7)

@@ -10,7 +10,7 @@ import time
 import pytest
 from helpers import ScriptedChatServer, free_port
 
-from research_rl.judge import JUDGE_PROMPT, JudgeClient, JudgeVerdict, parse_verdict, summarize
+from research_rl.algo.judge import JUDGE_PROMPT, JudgeClient, JudgeVerdict, parse_verdict, summarize
 
 pytestmark = pytest.mark.unit
 

@@ -8,8 +8,8 @@ import socket
 import pytest
 import torch
 
-from research_rl.config import AlgoConfig, LearnerConfig
-from research_rl.learner import FSDP2Learner
+from research_rl.config.schema import AlgoConfig, LearnerConfig
+from research_rl.learner.core import FSDP2Learner
 
 pytestmark = pytest.mark.unit
 
@@ -79,7 +79,7 @@ def test_micro_batching_does_not_change_the_update(learner, debug_model_dir):
 
 
 def test_weight_buckets_reproduce_the_policy_in_the_engine(learner, debug_model_dir, tokenizer):
-    from research_rl.hf_engine import HFEngine
+    from research_rl.rollout.hf_engine import HFEngine
 
     learner.load_policy(str(debug_model_dir))
     batch = _batch(seed=2)

@@ -62,8 +62,8 @@ def _batch() -> dict[str, torch.Tensor]:
 
 
 def _learner(name: str, rank: int, world: int, port: int, model_dir: str):
-    from research_rl.config import AlgoConfig, LearnerConfig
-    from research_rl.learner import learner_class
+    from research_rl.config.schema import AlgoConfig, LearnerConfig
+    from research_rl.learner.core import learner_class
 
     settings = dict(VARIANTS[name])
     ref_offload = settings.pop("ref_offload", False)
@@ -184,7 +184,7 @@ def test_the_update_moves_parameters_by_about_lr(results, debug_model_dir):
 
 def test_token_budget_packs_unequal_micro_batch_counts_per_rank(results):
     """The budget-64 variants ran 3 micro-batches on rank 0 and 2 (+ 1 zero-weighted padding pass) on rank 1."""
-    from research_rl.learner import plan_micro_batches
+    from research_rl.learner.core import plan_micro_batches
 
     assert plan_micro_batches(LENGTHS[:4], 4, 64) == [[0], [2], [3, 1]]
     assert plan_micro_batches(LENGTHS[4:], 4, 64) == [[0], [2, 1, 3]]

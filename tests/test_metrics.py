@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from research_rl.metrics import MetricsLogger
+from research_rl.driver.metrics import MetricsLogger
 
 pytestmark = pytest.mark.unit
 

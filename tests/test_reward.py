@@ -1,4 +1,4 @@
-"""Tests for research_rl.reward: hand-computed cases for the ReSearch rule reward and the QA metrics."""
+"""Tests for research_rl.algo.reward: hand-computed cases for the ReSearch rule reward and the QA metrics."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from collections import Counter
 
 import pytest
 
-from research_rl import reward as reward_mod
-from research_rl.reward import (
+from research_rl.algo import reward as reward_mod
+from research_rl.algo.reward import (
     REWARD_FUNCTIONS,
     RewardResult,
     check_format,
@@ -140,7 +140,7 @@ def test_f1_yes_no_rule_applies_per_gold() -> None:
 
 # The official scorer's logic, transcribed as a plain reference (HotpotQA hotpot_evaluate_v1.py: normalize_answer,
 # f1_score, exact_match_score; the normalisation is SQuAD v1.1 evaluate-v1.1.py's; max over golds as SQuAD's
-# metric_max_over_ground_truths). research_rl.reward must agree with it on every input.
+# metric_max_over_ground_truths). research_rl.algo.reward must agree with it on every input.
 
 
 def _official_normalize_answer(s):

@@ -169,7 +169,7 @@ def test_load_64_concurrent_clients_all_answers_correct(server, questions):
 def test_remote_client_through_retrieve(server, questions):
     """``RetrieverClient(url=...)`` (what rollouts use with ``retriever.url``) gets passages; an unreachable service
     gives ``None`` per query instead of raising."""
-    from research_rl.retriever_client import RetrieverClient
+    from research_rl.retrieval.client import RetrieverClient
 
     results = RetrieverClient(url=server, timeout_s=10).search(questions[:3], 2)
     assert [len(r) for r in results] == [2, 2, 2] and results[0][0].score >= results[0][1].score

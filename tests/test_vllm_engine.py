@@ -1,4 +1,4 @@
-"""The vLLM adapter (research_rl/vllm_engine.py) against the real vLLM API, on CPU (``make test-vllm``: a separate
+"""The vLLM adapter (research_rl/rollout/vllm_engine.py) against the real vLLM API, on CPU (``make test-vllm``: a separate
 venv with the CPU build of vLLM). Skipped where vllm is not importable.
 
 The tiny model has head_dim 64 (vLLM's CPU attention rejects smaller heads). A few supervised steps teach it two
@@ -14,7 +14,7 @@ vllm = pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
-from research_rl.agent_loop import MODES, AgentLoop, SamplingParams, format_observation  # noqa: E402
+from research_rl.rollout.agent_loop import MODES, AgentLoop, SamplingParams, format_observation  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 QUESTIONS = ["Who directed Ed Wood?", "Where is Nissedal?"]
@@ -30,7 +30,7 @@ def _passages(query: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from research_rl.config import DebugModelConfig
+    from research_rl.config.schema import DebugModelConfig
     from research_rl.debug_model import build_debug_model
     from tests.conftest import ROOT
 
@@ -49,7 +49,7 @@ def tok(model_dir):
 
 
 def _prompt(tok, q):
-    from research_rl.templates import encode_prompt
+    from research_rl.algo.templates import encode_prompt
 
     return encode_prompt(q, "base", tok)
 
@@ -99,7 +99,7 @@ def _hf_log_probs(model, seq):
 
 @pytest.fixture(scope="module")
 def engine(model_dir, tok):
-    from research_rl.vllm_engine import VLLMEngine
+    from research_rl.rollout.vllm_engine import VLLMEngine
 
     eng = VLLMEngine(str(model_dir), tok, dtype="float32", max_model_len=1024, max_num_seqs=8)
     yield eng
@@ -157,7 +157,7 @@ def test_continuation_from_token_ids_equals_single_pass(synced, engine, tok):
 @pytest.mark.parametrize("mode", MODES)
 def test_agent_loop_on_vllm_matches_the_hf_engine(synced, engine, trained, tok, model_dir, tmp_path, mode):
     """The same weights in the HF engine and in vLLM: greedy trajectories (ids, loss masks, queries, finish) agree."""
-    from research_rl.hf_engine import HFEngine
+    from research_rl.rollout.hf_engine import HFEngine
 
     trained.save_pretrained(tmp_path / "hf")
     tok.save_pretrained(tmp_path / "hf")

@@ -1,6 +1,6 @@
 """vLLM rollout engine (``rollout.engine=vllm``): the only module that imports vllm (STYLE 7).
 
-The agent loop (ReSearch §2.1; research_rl/agent_loop.py) talks to vLLM's ``AsyncLLM`` token-in/token-out: every
+The agent loop (ReSearch §2.1; research_rl/rollout/agent_loop.py) talks to vLLM's ``AsyncLLM`` token-in/token-out: every
 request is a ``TokensPrompt`` of the trajectory's ids so far (prompt + generated + inserted result ids), and the
 continuation comes back as token ids, never as re-tokenised text. Each request stops at the ``</search>`` stop
 string (kept in the output) or the tokenizer's EOS id, with the shared response budget as ``max_tokens``. EOS is
@@ -42,7 +42,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from research_rl.agent_loop import SEARCH_CLOSE, GenerationOutput, SamplingParams, request_seed
+from research_rl.rollout.agent_loop import SEARCH_CLOSE, GenerationOutput, SamplingParams, request_seed
 
 
 class WeightSyncExtension:

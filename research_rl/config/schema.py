@@ -24,13 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 
 TEMPLATES = ("base", "instruct")
 ROLLOUT_ENGINES = ("hf", "vllm")
-ROLLOUT_MODES = ("async", "turn_sync")  # research_rl.agent_loop.MODES
+ROLLOUT_MODES = ("async", "turn_sync")  # research_rl.rollout.agent_loop.MODES
 LEARNER_BACKENDS = ("fsdp2", "deepspeed")
 RETRIEVER_KINDS = ("bm25", "dense")
 PLACEMENTS = ("colocated", "disaggregated")
 PG_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 LOGGERS = ("tensorboard", "wandb")
-EVAL_METHODS = ("research", "naive_generation", "naive_rag")  # research_rl.evaluation.METHODS
+EVAL_METHODS = ("research", "naive_generation", "naive_rag")  # research_rl.algo.evaluation.METHODS
 VAL_METRICS = ("em", "f1", "cover_em", "searches", "response_len", "format_fail", "searches_per_question")
 
 
@@ -152,7 +152,7 @@ class RolloutConfig:
 
     ``mode``: ``async`` runs each trajectory as its own coroutine on an engine that batches the in-flight requests;
     ``turn_sync`` is the reference implementations' turn-by-turn schedule. ``engine``: ``hf`` (transformers,
-    CPU debug mode) or ``vllm`` (GPU; ``research_rl/vllm_engine.py``). The ``vllm_*`` keys configure only vLLM.
+    CPU debug mode) or ``vllm`` (GPU; ``research_rl/rollout/vllm_engine.py``). The ``vllm_*`` keys configure only vLLM.
     """
 
     engine: str = "hf"  # hf: transformers generate (CPU debug); vllm: GPU
@@ -294,7 +294,7 @@ class WarmupConfig:
 
 @dataclass
 class ValidationConfig:
-    """Greedy validation during training, scored by ``research_rl.evaluation`` (the evaluator's metrics, logged as
+    """Greedy validation during training, scored by ``research_rl.algo.evaluation`` (the evaluator's metrics, logged as
     ``val/<dataset>/<metric>`` and overall ``val/<metric>``); the checkpoint with the highest ``best_metric`` is kept
     as ``RUN_DIR/checkpoints/best``."""
 
@@ -343,7 +343,7 @@ class TrainerConfig:
 
 @dataclass
 class PlacementConfig:
-    """Where the roles run (``research_rl/placement.py``; docs/cluster.md).
+    """Where the roles run (``research_rl/roles/placement.py``; docs/cluster.md).
 
     The GPU nodes are ``nnodes`` × ``gpus_per_node``. ``colocated``: one pool of every GPU; each GPU hosts one learner
     rank and one rollout worker (and one reference worker when ``reference.placement=separate``), which share it.
@@ -424,7 +424,7 @@ class JudgeConfig:
 
 @dataclass
 class EvalConfig:
-    """``python -m research_rl.evaluate`` (ReSearch §3.1 evaluation; research_rl/evaluation.py).
+    """``python -m research_rl.evaluate`` (ReSearch §3.1 evaluation; research_rl/algo/evaluation.py).
 
     Questions: ``datasets`` are names resolved to ``<data_dir>/<name>/dev.jsonl`` (``test.jsonl`` for Bamboogle);
     ``files`` (explicit FlashRAG JSONL paths, dataset = the file's folder name) replaces them when non-empty.
@@ -515,7 +515,7 @@ def validate(cfg: Config) -> Config:
     if cfg.validation.every < 0:
         raise ConfigError("validation.every", f"got {cfg.validation.every}, expected >= 0")
 
-    from research_rl.placement import check_placement
+    from research_rl.roles.placement import check_placement
 
     check_placement(cfg)  # GPU arithmetic per pool; raises ConfigError with the sums
     if cfg.ray.address is None:  # a local cluster: every actor must fit, or Ray waits forever to place one

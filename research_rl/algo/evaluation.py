@@ -54,8 +54,8 @@ import random
 import re
 from typing import Iterable, Sequence
 
-from research_rl.reward import cover_exact_match, exact_match, extract_answer, f1_score, research_reward
-from research_rl.templates import chat_prompt
+from research_rl.algo.reward import cover_exact_match, exact_match, extract_answer, f1_score, research_reward
+from research_rl.algo.templates import chat_prompt
 
 METHODS = ("research", "naive_generation", "naive_rag")
 METRICS = ("em", "f1", "cover_em", "searches", "response_len", "format_fail")  # averaged per dataset and overall

@@ -16,9 +16,10 @@ import gc
 
 import ray
 
-from research_rl.placement import where
-from research_rl.retriever import Passage, Retriever
-from research_rl.search_batcher import SearchBatcher
+from research_rl.roles.placement import where
+from research_rl.retrieval.retriever import Retriever
+from research_rl.retrieval.index import Passage
+from research_rl.retrieval.batcher import SearchBatcher
 
 
 @ray.remote

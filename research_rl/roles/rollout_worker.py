@@ -15,11 +15,11 @@ from dataclasses import asdict
 import ray
 import torch
 
-from research_rl.agent_loop import AgentLoop, SamplingParams, Trajectory
-from research_rl.config import RolloutConfig
-from research_rl.learner import set_torch_threads
-from research_rl.placement import where
-from research_rl.retriever_client import RetrieverClient
+from research_rl.rollout.agent_loop import AgentLoop, SamplingParams, Trajectory
+from research_rl.config.schema import RolloutConfig
+from research_rl.learner.core import set_torch_threads
+from research_rl.roles.placement import where
+from research_rl.retrieval.client import RetrieverClient
 
 
 def _async_search(retriever: RetrieverClient, top_k: int):
@@ -42,11 +42,11 @@ class RolloutWorker:
         self.cfg = cfg
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         if cfg.engine == "vllm":
-            from research_rl.vllm_engine import VLLMEngine
+            from research_rl.rollout.vllm_engine import VLLMEngine
 
             self.engine = VLLMEngine.from_config(cfg, model_path, self.tokenizer, dtype, max_model_len)
         else:
-            from research_rl.hf_engine import HFEngine
+            from research_rl.rollout.hf_engine import HFEngine
 
             device = "cuda" if cfg.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
             self.engine = HFEngine(model_path, self.tokenizer, cfg.max_batch_size, device=device)

@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from research_rl.retriever import Passage
+from research_rl.retrieval.index import Passage
 
 BackendFn = Callable[[list[str], int], list[list[Passage]]]  # (queries, k) -> per query, top-k passages
 

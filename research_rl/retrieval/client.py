@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 
-from research_rl.retriever import Passage
+from research_rl.retrieval.index import Passage
 
 log = logging.getLogger(__name__)
 

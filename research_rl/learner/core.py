@@ -7,7 +7,7 @@ sharded state:
 
 - ``FSDP2Learner`` (this module): ``fully_shard`` per decoder layer and the root; bf16 parameters with fp32
   gradient reduction on GPU (``MixedPrecisionPolicy``); optional ``CPUOffloadPolicy``.
-- ``DeepSpeedLearner`` (``research_rl.learner_deepspeed``, the only module that imports deepspeed): ZeRO-2 or
+- ``DeepSpeedLearner`` (``research_rl.learner.deepspeed_backend``, the only module that imports deepspeed): ZeRO-2 or
   ZeRO-3 with a torch AdamW passed in, its config generated from ``LearnerConfig``.
 
 ``learner_class(cfg.backend)`` picks the class.
@@ -45,9 +45,9 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from research_rl import grpo
-from research_rl.checkpoint import cut_buckets, write_hf_model
-from research_rl.config import AlgoConfig, LearnerConfig
+from research_rl.algo import grpo
+from research_rl.learner.weights import cut_buckets, tied_aliases, write_hf_model
+from research_rl.config.schema import AlgoConfig, LearnerConfig
 
 BACKEND_FILE = "learner.json"  # in a sharded checkpoint: which backend wrote it, at what world size
 HF_CONFIG_DIR = "hf"  # in a sharded checkpoint: the model's HF config and tokenizer (what export needs)
@@ -87,19 +87,6 @@ def _take(batch: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Te
     width = int(mb["attention_mask"].sum(dim=1).max())
     return {k: (v[:, :width] if k in ("input_ids", "attention_mask", "loss_mask")
                 else v[:, :width - 1] if v.dim() == 2 else v) for k, v in mb.items()}
-
-
-def _persistent_buffers(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    for prefix, m in module.named_modules():
-        for name, b in m._buffers.items():
-            if b is not None and name not in m._non_persistent_buffers_set:
-                yield f"{prefix}.{name}" if prefix else name, b
-
-
-def tied_aliases(module: torch.nn.Module) -> set[str]:
-    """Parameter names that alias an earlier parameter (tied embeddings): streamed once, under the first name."""
-    all_names = {n for n, _ in module.named_parameters(remove_duplicate=False)}
-    return all_names - {n for n, _ in module.named_parameters()}
 
 
 class Learner:
@@ -538,7 +525,7 @@ def learner_class(backend: str) -> type[Learner]:
     if backend == "fsdp2":
         return FSDP2Learner
     if backend == "deepspeed":
-        from research_rl.learner_deepspeed import DeepSpeedLearner
+        from research_rl.learner.deepspeed_backend import DeepSpeedLearner
 
         return DeepSpeedLearner
     raise ValueError(f"learner.backend={backend!r}: expected fsdp2 or deepspeed")

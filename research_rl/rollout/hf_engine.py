@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from research_rl.agent_loop import SEARCH_CLOSE, GenerationOutput, SamplingParams, request_seed
+from research_rl.rollout.agent_loop import SEARCH_CLOSE, GenerationOutput, SamplingParams, request_seed
 
 
 class _SeededSampler:

@@ -1,7 +1,7 @@
 """The learner under DeepSpeed ZeRO-2 or ZeRO-3 (``learner.backend=deepspeed``): the only module that imports
 deepspeed.
 
-Same interface as ``FSDP2Learner``; what differs is only the backend hooks of ``research_rl.learner.Learner``.
+Same interface as ``FSDP2Learner``; what differs is only the backend hooks of ``research_rl.learner.core.Learner``.
 The DeepSpeed config dict is generated from ``LearnerConfig`` (``deepspeed_config``): users never write one.
 A torch ``AdamW`` is passed in, so nothing is JIT-compiled (DeepSpeed's own CPU Adam would be). The learner
 marks the gradient-accumulation boundary itself (``set_gradient_accumulation_boundary``), because the number of
@@ -23,8 +23,9 @@ from typing import Iterator
 
 import torch
 
-from research_rl.config import LearnerConfig
-from research_rl.learner import Learner, _persistent_buffers
+from research_rl.config.schema import LearnerConfig
+from research_rl.learner.core import Learner
+from research_rl.learner.weights import persistent_buffers
 
 try:
     import deepspeed
@@ -134,7 +135,7 @@ class DeepSpeedLearner(Learner):
                 for n, p in own:
                     name = f"{prefix}.{n}" if prefix else n
                     yield name, (p.detach().to("cpu", copy=True) if self.rank == 0 else None)
-        for name, b in _persistent_buffers(module):
+        for name, b in persistent_buffers(module):
             if name not in skip:
                 yield name, (b.detach().to("cpu", copy=True) if self.rank == 0 else None)
 

@@ -11,7 +11,7 @@ weights → rollout engines in buckets, then a log-prob probe that fails the run
 learner.
 
 Validation (every ``validation.every`` steps, greedy, on a fixed sample of ``validation.num_questions``) is scored by
-``research_rl.evaluation``, the same code as ``python -m research_rl.evaluate``: ``val/<dataset>/<metric>`` and
+``research_rl.algo.evaluation``, the same code as ``python -m research_rl.evaluate``: ``val/<dataset>/<metric>`` and
 ``val/<metric>`` for em, f1, cover_em, searches, response_len and format_fail. The checkpoint with the highest
 ``validation.best_metric`` among the validations after GRPO steps is kept as ``checkpoints/best`` (the initial
 policy is ``model.path`` itself); its step and value are in ``summary.json`` under ``best``.
@@ -30,57 +30,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from research_rl import checkpoint as ckpt
-from research_rl import evaluation, grpo
-from research_rl.agent_loop import SamplingParams
-from research_rl.config import Config, ConfigError, to_dict
+from research_rl.driver import checkpoint as ckpt
+from research_rl.algo import evaluation
+from research_rl.algo import grpo
+from research_rl.rollout.agent_loop import SamplingParams
+from research_rl.config import preflight
+from research_rl.config.schema import Config, to_dict
 from research_rl.data import PromptStream, Question, load_corpus, load_questions
-from research_rl.metrics import MetricsLogger, timed
-from research_rl.reward import REWARD_FUNCTIONS
-from research_rl.templates import encode_prompt
+from research_rl.driver.metrics import MetricsLogger, timed
+from research_rl.algo.reward import REWARD_FUNCTIONS
+from research_rl.algo.templates import encode_prompt
 
 
 class TrainingError(RuntimeError):
     """A step failed in a way that must stop the run (the message names the step and phase)."""
 
 
-def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") != 1
-
-
-def _check_service(url: str, timeout_s: float) -> None:
-    """Fail before any actor starts when ``retriever.url`` does not answer ``GET /health``."""
-    import requests
-
-    try:
-        r = requests.get(f"{url.rstrip('/')}/health", timeout=min(timeout_s, 10.0))
-        r.raise_for_status()
-    except requests.RequestException as e:
-        raise ConnectionError(f"retriever.url={url} does not answer GET /health ({e}); start the service with: "
-                              "python -m retriever_service.serve --index DIR --port PORT") from e
-
-
-def absolute_paths(cfg: Config) -> Config:
-    """``cfg`` with its relative file paths made absolute against the current directory, so that every actor (and
-    a Ray job's driver, whose working directory is an unpacked copy) reads and writes the same files. A
-    ``model.path`` that is not a local path (a hub id) is left alone."""
-    def absolute(path: str) -> str:
-        return str(Path(path).expanduser().resolve())
-
-    return dataclasses.replace(
-        cfg,
-        model=dataclasses.replace(cfg.model, path=absolute(cfg.model.path) if os.path.exists(cfg.model.path)
-                                  else cfg.model.path),
-        data=dataclasses.replace(cfg.data, train_files=[absolute(f) for f in cfg.data.train_files],
-                                 val_files=[absolute(f) for f in cfg.data.val_files],
-                                 corpus_path=absolute(cfg.data.corpus_path)),
-        retriever=dataclasses.replace(cfg.retriever, index_dir=absolute(cfg.retriever.index_dir)),
-        trainer=dataclasses.replace(cfg.trainer, output_dir=absolute(cfg.trainer.output_dir)))
-
-
 class GRPOTrainer:
     def __init__(self, cfg: Config):
-        self.cfg = cfg = absolute_paths(cfg)
+        self.cfg = cfg = preflight.absolute_paths(cfg)
         self.run_dir = Path(cfg.trainer.output_dir)
         self.step = 0
         self.summary: dict = {}
@@ -90,7 +58,7 @@ class GRPOTrainer:
     def setup(self) -> None:
         """Everything that can fail on bad input is checked before Ray starts actors."""
         cfg = self.cfg
-        self._check_inputs()
+        preflight.check_inputs(cfg)
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
@@ -99,7 +67,7 @@ class GRPOTrainer:
         if not self.train_prompts:
             raise ValueError(f"every training prompt is longer than data.max_prompt_len={cfg.data.max_prompt_len}")
         self.val_questions = self._validation_sample()
-        self._check_best_metric({q.dataset for q, _ in self.val_questions})
+        preflight.check_best_metric(cfg, {q.dataset for q, _ in self.val_questions})
         self.stream = PromptStream([q for q, _ in self.train_prompts], seed=cfg.trainer.seed, shuffle=cfg.data.shuffle)
         self.prompt_ids = dict([*self.train_prompts, *self.val_questions])  # Question -> prompt token ids
         steps_per_epoch = -(-len(self.train_prompts) // cfg.trainer.prompts_per_step)
@@ -137,23 +105,6 @@ class GRPOTrainer:
             self.summary["val_before"] = self._validate(self.step)
             self.logger.log(self.step, self.summary["val_before"])
 
-    def _check_inputs(self) -> None:
-        cfg = self.cfg
-        for f in [*cfg.data.train_files, *cfg.data.val_files, cfg.data.corpus_path]:
-            if not Path(f).is_file():
-                raise FileNotFoundError(f"data file not found: {f}")
-        local = cfg.warmup.enabled or _looks_local(cfg.model.path)  # debug mode always runs a built local model
-        if local and not (Path(cfg.model.path) / "config.json").is_file():
-            hint = ("; build the debug model with: python -m research_rl.debug_model experiment="
-                    f"{cfg.experiment_name}" if cfg.warmup.enabled else "")
-            raise FileNotFoundError(f"model.path={cfg.model.path} is not a model directory{hint}")
-        if cfg.retriever.url:
-            _check_service(cfg.retriever.url, cfg.retriever.timeout_s)
-        else:
-            from research_rl.retriever import read_manifest
-
-            read_manifest(cfg.retriever.index_dir)  # IndexNotFoundError names the build command
-
     def _encode(self, questions: list[Question]) -> tuple[list[tuple[Question, list[int]]], int]:
         keep, dropped = [], 0
         for q in questions:
@@ -172,13 +123,6 @@ class GRPOTrainer:
         for f in files:
             sample += evaluation.sample_questions(load_questions(f), per_file, v.seed)
         return self._encode(sample)[0]
-
-    def _check_best_metric(self, datasets: set[str]) -> None:
-        """``validation.best_metric=val/<dataset>/<metric>`` must name a dataset that is validated on."""
-        parts = self.cfg.validation.best_metric.split("/")
-        if self.cfg.validation.every and len(parts) == 3 and parts[1] not in datasets:
-            raise ConfigError("validation.best_metric", f"{self.cfg.validation.best_metric} names dataset "
-                              f"{parts[1]!r}, but validation covers {sorted(datasets)} (data.val_files)")
 
     def _resume_path(self) -> Path | None:
         mode = self.cfg.trainer.resume
@@ -236,14 +180,14 @@ class GRPOTrainer:
             ray.init(address=self.cfg.ray.address, namespace=self.cfg.ray.namespace)
 
     def _start_actors(self) -> None:
-        """Create the pools (``research_rl.placement``), then the retriever replicas, rollout workers, learner ranks
+        """Create the pools (``research_rl.roles.placement``), then the retriever replicas, rollout workers, learner ranks
         and (``reference.placement=separate``) reference ranks in them; write ``RUN_DIR/placement.json``."""
         import ray
 
-        from research_rl.placement import Placement, check_placement, write_report
-        from research_rl.retriever_actor import start_retrievers
-        from research_rl.retriever_client import RetrieverClient
-        from research_rl.rollout_worker import RolloutWorker
+        from research_rl.roles.placement import Placement, check_placement, write_report
+        from research_rl.roles.retriever_actor import start_retrievers
+        from research_rl.retrieval.client import RetrieverClient
+        from research_rl.roles.rollout_worker import RolloutWorker
 
         cfg = self.cfg
         for note in check_placement(cfg):
@@ -272,7 +216,7 @@ class GRPOTrainer:
         """``n`` LearnerWorker ranks forming one torch.distributed group (rank 0 hosts the rendezvous)."""
         import ray
 
-        from research_rl.learner_worker import LearnerWorker
+        from research_rl.roles.learner_worker import LearnerWorker
 
         cfg = self.cfg
         learner_cfg = dataclasses.replace(cfg.learner, num_gpus_per_worker=gpus_per_worker)
@@ -311,7 +255,7 @@ class GRPOTrainer:
         import ray
         from tqdm import tqdm
 
-        from research_rl.warmup import collate, synthesize
+        from research_rl.rollout.warmup import collate, synthesize
 
         w = self.cfg.warmup
         corpus = load_corpus(self.cfg.data.corpus_path)
@@ -484,7 +428,7 @@ class GRPOTrainer:
         """``retriever/*`` latency, batch size and cache hit rate of the in-cluster replicas since the last call."""
         import ray
 
-        from research_rl.search_batcher import merge_stats
+        from research_rl.retrieval.batcher import merge_stats
 
         if not self.retrievers:
             return {}

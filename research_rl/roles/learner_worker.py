@@ -8,9 +8,9 @@ import socket
 import ray
 import torch
 
-from research_rl.config import AlgoConfig, LearnerConfig
-from research_rl.learner import learner_class, set_torch_threads
-from research_rl.placement import where
+from research_rl.config.schema import AlgoConfig, LearnerConfig
+from research_rl.learner.core import learner_class, set_torch_threads
+from research_rl.roles.placement import where
 
 
 def _tokenizer(path: str | None):

@@ -9,9 +9,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from research_rl.config import Config, ConfigError, load_config
+from research_rl.config.schema import Config, ConfigError, load_config
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def compose_config(overrides: list[str] | None = None) -> Config:

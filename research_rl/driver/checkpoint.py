@@ -2,7 +2,7 @@
 
 Layout of ``RUN_DIR/checkpoints/step_000010/``::
 
-    sharded/             the learner's own sharded state (research_rl.learner.Learner.save_checkpoint):
+    sharded/             the learner's own sharded state (research_rl.learner.core.Learner.save_checkpoint):
       learner.json         backend, world size (ZeRO stage)
       hf/                  the model's HF config and tokenizer (what export needs besides weights)
       dcp/                 FSDP2: torch.distributed.checkpoint of the sharded model and optimizer state dicts
@@ -130,57 +130,6 @@ def latest_valid(run_dir: str | Path) -> Path | None:
             return path
         warnings.warn(f"checkpoint {path} is invalid: {reason}; trying the previous one", stacklevel=2)
     return None
-
-
-def cut_buckets(named_tensors, bucket_mb: float):
-    """Group a stream of ``(name, tensor)`` into dicts of at most ``bucket_mb`` MiB as it arrives (a tensor larger
-    than that gets a bucket of its own); ``None`` tensors (ranks that hold no copy) are skipped."""
-    limit = bucket_mb * 2**20
-    current, size = {}, 0
-    for name, tensor in named_tensors:
-        if tensor is None:
-            continue
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > limit:
-            yield current
-            current, size = {}, 0
-        current[name] = tensor
-        size += nbytes
-    if current:
-        yield current
-
-
-def write_hf_model(path: str | Path, buckets, config, generation_config=None, tokenizer=None) -> Path:
-    """Write a Hugging Face model directory from an iterable of ``{name: CPU tensor}`` buckets, one safetensors
-    shard per bucket as it arrives (never the whole model in memory at once), plus ``config.json``, the generation
-    config and the tokenizer when given. One bucket → ``model.safetensors``; more → ``model-0000i-of-0000n`` shards
-    and ``model.safetensors.index.json``, as ``save_pretrained`` writes them. Returns ``path``.
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    parts, weight_map, total = [], {}, 0
-    for i, bucket in enumerate(buckets):
-        part = path / f".part-{i:05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in bucket.items()}, str(part), metadata={"format": "pt"})
-        parts.append((part, list(bucket)))
-        total += sum(v.numel() * v.element_size() for v in bucket.values())
-    if len(parts) == 1:
-        parts[0][0].rename(path / "model.safetensors")
-    for i, (part, names) in enumerate(parts if len(parts) > 1 else []):
-        name = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
-        part.rename(path / name)
-        weight_map.update(dict.fromkeys(names, name))
-    if weight_map:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    config.save_pretrained(str(path))
-    if generation_config is not None:
-        generation_config.save_pretrained(str(path))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(path))
-    return path
 
 
 def begin(run_dir: str | Path, step: int) -> Path:

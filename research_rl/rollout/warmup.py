@@ -15,9 +15,9 @@ from typing import Callable
 
 import torch
 
-from research_rl.agent_loop import format_observation
+from research_rl.rollout.agent_loop import format_observation
 from research_rl.data import Question
-from research_rl.templates import encode_prompt
+from research_rl.algo.templates import encode_prompt
 
 THINK_FIRST = "<think> I need to find facts to answer this question. </think> "
 THINK_MORE = " <think> I need one more fact. </think> "

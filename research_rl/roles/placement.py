@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from research_rl.config import Config, ConfigError
+from research_rl.config.schema import Config, ConfigError
 
 EPS = 1e-6
 
