@@ -14,7 +14,7 @@ import torch
 def persistent_buffers(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     for prefix, m in module.named_modules():
         for name, b in m._buffers.items():
-            if b is not None and name not in m._nonpersistent_buffers_set:
+            if b is not None and name not in m._non_persistent_buffers_set:
                 yield f"{prefix}.{name}" if prefix else name, b
 
 
