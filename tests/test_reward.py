@@ -500,9 +500,13 @@ def test_search_format_reward_negative(response: str) -> None:
 
 
 def test_reward_functions_registry() -> None:
-    assert REWARD_FUNCTIONS == {"research": research_reward, "search_format": search_format_reward}
-    for fn in REWARD_FUNCTIONS.values():
-        assert isinstance(fn(make_response(), EOS, ["Paris"]), RewardResult)
+    from research_rl.algo.reward import reference_reward
+
+    assert REWARD_FUNCTIONS == {"research": research_reward, "research_reference": reference_reward,
+                                "search_format": search_format_reward}
+    for name, fn in REWARD_FUNCTIONS.items():
+        text = make_response() if name != "research_reference" else "<|im_start|>assistant\n" + make_response()
+        assert isinstance(fn(text, EOS, ["Paris"]), RewardResult)
 
 
 def test_reward_module_imports_only_stdlib() -> None:
@@ -514,3 +518,70 @@ def test_reward_module_imports_only_stdlib() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert imported <= {"__future__", "re", "string", "collections", "dataclasses", "typing"}
+
+
+# ------------------------------------------------------------------------------------------ reference_reward
+CHAT_PROMPT = "<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nWhere?<|im_end|>\n<|im_start|>assistant\n"
+BASE_PROMPT = "A conversation between User and Assistant. ... User: Where?. Assistant:"
+
+
+def test_reference_reward_scores_prompt_plus_response_after_the_chat_marker():
+    from research_rl.algo.reward import reference_reward
+
+    r = reference_reward(CHAT_PROMPT + make_response("\\boxed{Paris}"), EOS, ["Paris"])
+    assert (r.score, r.answer, r.format_ok) == (1.0, "Paris", True)
+    # the base template's marker when the chat marker is absent
+    r = reference_reward(BASE_PROMPT + make_response("\\boxed{Paris}", eos="</s>"), "</s>", ["Paris"])
+    assert (r.score, r.answer) == (1.0, "Paris")
+    assert REWARD_FUNCTIONS["research_reference"] is reference_reward
+
+
+def test_reference_reward_split_cuts_at_a_second_marker_inside_a_passage():
+    from research_rl.algo.reward import reference_reward
+
+    # a retrieved passage holding "Assistant:" cuts the base-template text there: the scored part ends inside the
+    # <result> block, so the format gate fails (research_reward, which scores the response alone, gives 1.0)
+    response = make_response("\\boxed{Paris}", searches=(("q", "Assistant: Paris is in France."),), eos="</s>")
+    assert research_reward(response, "</s>", ["Paris"]).score == 1.0
+    r = reference_reward(BASE_PROMPT + response, "</s>", ["Paris"])
+    assert r.score == 0 and isinstance(r.score, int) and r.reason.startswith("bad format")
+    # the chat marker wins over "Assistant:" even when the latter comes first (it is tried first)
+    r = reference_reward("Assistant: noise " + CHAT_PROMPT + make_response("\\boxed{Paris}"), EOS, ["Paris"])
+    assert r.score == 1.0
+
+
+def test_reference_reward_box_forms():
+    from research_rl.algo.reward import reference_last_boxed, reference_reward
+
+    # the space form: after the last "\boxed " up to the first "$", wherever it stands in the answer span
+    assert reference_last_boxed("The answer is $\\boxed Paris$ ok") == "Paris"
+    assert reference_last_boxed("\\boxed{x} and \\boxed Rome") == "Rome"
+    # braces counted from the last \boxed; inner braces kept
+    assert reference_last_boxed("\\boxed{a} \\boxed{\\text{Paris}}") == "\\text{Paris}"
+    # not of the \boxed{...} form, unclosed, \fbox only, nothing: the reference's "find box error"
+    assert reference_last_boxed("\\boxedtext{a}") is None
+    assert reference_last_boxed("\\boxed{a") is None
+    assert reference_last_boxed("\\fbox{a}") is None
+    assert reference_last_boxed("no box") is None
+    # end to end: the format gate needs \boxed{ in the span; the space form then decides the answer
+    r = reference_reward(CHAT_PROMPT + make_response("\\boxed{x} \\boxed Paris$"), EOS, ["Paris"])
+    assert (r.score, r.answer) == (1.0, "Paris")
+    r = reference_reward(CHAT_PROMPT + make_response("\\boxed{Paris}"), EOS, "Paris")  # a bare str is wrapped
+    assert r.score == 1.0
+
+
+def test_reference_reward_failure_paths_and_order():
+    from research_rl.algo.reward import reference_reward
+
+    # EOS is an exact suffix: EOS + "\n" fails, EOS EOS passes (one EOS is stripped, the rest is outside <answer>)
+    assert reference_reward(CHAT_PROMPT + make_response() + "\n", EOS, ["Paris"]).reason == "over length"
+    assert reference_reward(CHAT_PROMPT + make_response() + EOS, EOS, ["Paris"]).score == 1.0
+    # format is checked before EOS: a bad format without EOS reports the format
+    assert reference_reward(CHAT_PROMPT + "<answer>\\boxed{Paris}</answer>", EOS, ["Paris"]).reason.startswith(
+        "bad format")
+    r = reference_reward(CHAT_PROMPT + make_response("\\boxed{Berlin}"), EOS, ["Paris"])
+    assert (r.score, r.reason) == (0.1, "wrong answer but good format")
+    with pytest.raises(ValueError, match="neither"):
+        reference_reward(make_response(), EOS, ["Paris"])
+    with pytest.raises(ValueError, match="eos_token"):
+        reference_reward(CHAT_PROMPT + make_response(), "", ["Paris"])

@@ -26,6 +26,12 @@ Deliberate deviations from the reference:
 Inherited on purpose: the box content is scored verbatim, so `\\boxed{\\text{Paris}}` yields the answer
 `\\text{Paris}`, which normalises to `textparis` and does not match the gold `Paris`.
 
+`reference_reward` (``reward.kind=research_reference``) is the reference's `compute_score` reproduced exactly, the
+deviations above undone: it scores prompt + response split on the assistant marker, accepts the space form and
+`\\fbox` lookup, counts braces from the last `\\boxed`, wraps a bare-str gold, and returns int 0 on every failure.
+Use it to compare numbers with the paper's released code; `research_reward` is the default because the marker
+split lets a retrieved passage change what is scored.
+
 `search_format_reward` is a shaped reward, not from the paper: it exists only to check that the training pipeline
 learns (the rate of well-formed search calls should rise).
 """
@@ -48,6 +54,8 @@ __all__ = [
     "f1_score",
     "last_boxed_content",
     "normalize_answer",
+    "reference_last_boxed",
+    "reference_reward",
     "research_reward",
     "search_format_reward",
 ]
@@ -251,6 +259,91 @@ def research_reward(response: str, eos_token: str, golds: Sequence[str]) -> Rewa
     return RewardResult(WRONG_ANSWER_REWARD, "wrong answer but good format", answer, 0.0, True)
 
 
+_ASSISTANT_CHAT = "<|im_start|>assistant\n"  # the reference's split markers, tried in this order
+_ASSISTANT_BASE = "Assistant:"
+
+
+def reference_last_boxed(text: str) -> str | None:
+    """The reference's box extraction (`last_boxed_only_string` then `remove_boxed`), exactly.
+
+    - If ``"\\boxed "`` (with a space) occurs anywhere, the answer is the text after its last occurrence up to the
+      first ``$`` (``"\\boxed 42$ end"`` -> ``"42"``; no ``$``: to the end).
+    - Otherwise from the last ``\\boxed`` (or, only when no ``\\boxed`` occurs, the last ``\\fbox``) count braces:
+      ``{`` opens, ``}`` closes, and the first ``}`` that brings the count to 0 ends the block (a ``}`` before any
+      ``{`` drives it negative, so such a block never closes). The block must start with ``\\boxed{`` and end with
+      ``}``; the answer is what lies between (inner braces kept).
+
+    Returns None where the reference raised (its "find box error"): no box, an unclosed block, or a block not of the
+    ``\\boxed{…}`` form (``\\boxedtext{a}``, any ``\\fbox{…}``).
+    """
+    if "\\boxed " in text:
+        return text.split("\\boxed ")[-1].split("$")[0]
+    start = text.rfind("\\boxed")
+    if start < 0:
+        start = text.rfind("\\fbox")
+        if start < 0:
+            return None
+    depth, end = 0, None
+    for i in range(start, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                end = i
+                break
+    if end is None:
+        return None
+    block = text[start:end + 1]
+    if not block.startswith(_BOX_OPEN) or not block.endswith("}"):
+        return None
+    return block[len(_BOX_OPEN):-1]
+
+
+def reference_reward(solution_str: str, eos_token: str, golds: Sequence[str] | str) -> RewardResult:
+    """The ReSearch reference reward, exactly as the authors' `compute_score` computes it (ReSearch repository,
+    `re_search.py` at 4bdb872; rules in docs/concepts.md#the-reward).
+
+    solution_str: the decoded prompt + response with special tokens kept (inserted results included), cut after the
+        first EOS (whose text is kept) -- the reference's input, not the response alone.
+    eos_token: the tokenizer's EOS string; non-empty (ValueError otherwise).
+    golds: gold answer strings; a bare str is wrapped in a list, as the reference does.
+
+    Rules, in order: (1) the scored text is the part of `solution_str` after the first ``<|im_start|>assistant\\n``
+    and before the second, or, when that marker is absent, between the first and second ``Assistant:``; (2) the
+    format gate (`check_format`) on that text; (3) it must end with `eos_token` ("over length"); (4) one EOS is cut
+    and the answer span is the first ``<answer>…</answer>`` (across lines); (5) `reference_last_boxed`; (6) max-over-
+    golds F1 (`f1_score`): the F1 if > 0, else 0.1. Every failure scores int 0, as in the reference.
+
+    Raises:
+        ValueError: `eos_token` is empty, or `solution_str` holds neither marker (the reference would raise
+            IndexError: its input always holds the prompt).
+    """
+    if not eos_token:
+        raise ValueError("eos_token must be a non-empty string (the tokenizer's eos_token, e.g. '<|im_end|>')")
+    golds = [golds] if isinstance(golds, str) else golds
+    marker = _ASSISTANT_CHAT if _ASSISTANT_CHAT in solution_str else _ASSISTANT_BASE
+    parts = solution_str.split(marker)
+    if len(parts) < 2:
+        raise ValueError(f"the reference reward scores prompt + response, but the text holds neither "
+                         f"{_ASSISTANT_CHAT!r} nor {_ASSISTANT_BASE!r}")
+    text = parts[1]
+    ok, why = check_format(text)
+    if not ok:
+        return RewardResult(0, f"bad format: {why}", None, 0.0, False)
+    if not text.endswith(eos_token):
+        return RewardResult(0, "over length", None, 0.0, True)
+    text = text[: -len(eos_token)]
+    span = re.search(r"<answer>(.*?)</answer>", text, re.DOTALL)
+    answer = reference_last_boxed(span.group(1)) if span else None
+    if answer is None:
+        return RewardResult(0, "find box error", None, 0.0, True)
+    f1 = f1_score(answer, golds)
+    if f1 > 0:
+        return RewardResult(f1, f"correct answer, f1={f1:.2f}", answer, f1, True)
+    return RewardResult(WRONG_ANSWER_REWARD, "wrong answer but good format", answer, 0.0, True)
+
+
 def _has_search_call(response: str) -> bool:
     """True if some `<search>` is followed by a non-blank query, `</search>`, then `<result>` ... `</result>`."""
     pos = 0
@@ -284,5 +377,6 @@ def search_format_reward(response: str, eos_token: str, golds: Sequence[str]) ->
 
 REWARD_FUNCTIONS: dict[str, Callable[[str, str, Sequence[str]], RewardResult]] = {
     "research": research_reward,
+    "research_reference": reference_reward,
     "search_format": search_format_reward,
 }
