@@ -118,6 +118,8 @@ def build_debug_model(out_dir: str, corpus_path: str, question_files: list[str],
     try:
         tokenizer.save_pretrained(tmp)
         model.generation_config.do_sample = True
+        # as Qwen2.5-Instruct's generation config: both <|im_end|> and <|endoftext|> end a response
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
         model.save_pretrained(tmp)
         (tmp / "debug_model.json").write_text(json.dumps({
             "corpus_path": corpus_path, "shape": shape.__dict__, "build_seconds": round(time.time() - t0, 2),

@@ -54,12 +54,13 @@ def start_server(index: Path, *args: str) -> tuple[subprocess.Popen, str]:
 class ScriptedEngine:
     """Replays a fixed list of text segments per trajectory (one segment per engine call), tokenised once.
 
-    A segment ending in ``</search>`` stops with ``search``, one ending in EOS with ``eos``; a budget smaller than
-    the segment truncates it (``length``), as a real engine would.
+    A segment ending in ``</search>`` stops with ``search``, one ending in an EOS id (``eos_ids``, default the
+    tokenizer's) with ``eos``; a budget smaller than the segment truncates it (``length``), as a real engine would.
     """
 
-    def __init__(self, tokenizer, scripts: dict[tuple[int, ...], list[str]]):
+    def __init__(self, tokenizer, scripts: dict[tuple[int, ...], list[str]], eos_ids=None):
         self.tok = tokenizer
+        self.eos_ids = set(eos_ids or [tokenizer.eos_token_id])
         self.scripts = {k: list(v) for k, v in scripts.items()}
         self.calls: list[int] = []  # batch size of each call
         self.generated: dict[tuple[int, ...], list[list[int]]] = {k: [] for k in scripts}
@@ -71,7 +72,7 @@ class ScriptedEngine:
             key = next(k for k in self.scripts if tuple(ids[:len(k)]) == k)
             text = self.scripts[key].pop(0)
             out = self.tok.encode(text, add_special_tokens=False)
-            finish = "eos" if text.endswith(self.tok.eos_token) else "search" if text.endswith("</search>") else "length"
+            finish = "eos" if out and out[-1] in self.eos_ids else "search" if text.endswith("</search>") else "length"
             if len(out) > budget:
                 out, finish = out[:budget], "length"
             self.generated[key].append(out)

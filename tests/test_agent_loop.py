@@ -370,3 +370,68 @@ def test_async_sends_queries_produced_together_in_one_call(tokenizer):
     assert calls == [["q0", "q1", "q2"]]
     assert [t.queries for t in trajs] == [["q0"], ["q1"], ["q2"]]
     assert all(format_observation([f"about q{i}"]) in t.response_text for i, t in enumerate(trajs))
+
+
+# ------------------------------------------------------------------------------------------ the EOS set
+def test_eos_ids_from_the_generation_config(debug_model_dir, tokenizer, tmp_path):
+    """The debug model lists <|im_end|> and <|endoftext|> as Qwen2.5-Instruct does; `tokenizer` keeps only the
+    tokenizer's; a model directory without a generation config falls back to the tokenizer's."""
+    from research_rl.rollout.eos import eos_token_ids
+
+    im_end, endoftext = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert eos_token_ids(str(debug_model_dir), tokenizer) == [im_end, endoftext]
+    assert eos_token_ids(str(debug_model_dir), tokenizer, "tokenizer") == [im_end]
+    assert eos_token_ids(str(tmp_path), tokenizer) == [im_end]
+    with pytest.raises(ValueError, match="eos_ids_from"):
+        eos_token_ids(str(debug_model_dir), tokenizer, "model")
+
+
+@pytest.mark.parametrize("template", ["instruct", "base"])
+def test_second_eos_ends_the_response_and_scores_over_length(tokenizer, mode, template):
+    """A response that stops at <|endoftext|> ends there (nothing after it is generated) and, with the reward
+    unchanged, scores 0 "over length" (it does not end with the tokenizer's eos_token), under both templates."""
+    from research_rl.algo.reward import research_reward
+    from research_rl.algo.templates import encode_prompt
+
+    im_end, endoftext = tokenizer.eos_token, "<|endoftext|>"
+    eos_ids = [tokenizer.convert_tokens_to_ids(im_end), tokenizer.convert_tokens_to_ids(endoftext)]
+    p = tuple(encode_prompt("Where is Nissedal?", template, tokenizer))
+    engine = ScriptedEngine(tokenizer, {p: ["<think> a </think> <answer> \\boxed{Norway} </answer>" + endoftext]},
+                            eos_ids=eos_ids)
+    (t,) = AgentLoop(engine, lambda qs: [], tokenizer, 300, mode=mode, eos_ids=eos_ids).run([list(p)],
+                                                                                             SamplingParams())
+    assert t.finish_reason == "eos" and t.response_ids[-1] == eos_ids[1]
+    assert t.response_text.endswith(endoftext)
+    assert research_reward(t.response_text, im_end, ["Norway"]).reason == "over length"
+    # with the tokenizer's EOS alone, <|endoftext|> does not end the response: generation runs on to <|im_end|>
+    # and the reward would credit "…</answer><|endoftext|> more<|im_end|>"
+    ids = tokenizer.encode(" <answer> \\boxed{Norway} </answer>" + endoftext + " more" + im_end,
+                           add_special_tokens=False)
+    text = AgentLoop(None, lambda qs: [], tokenizer, 300).response_text(ids)
+    assert text.endswith(endoftext + " more" + im_end)
+    assert AgentLoop(None, lambda qs: [], tokenizer, 300, eos_ids=eos_ids).response_text(ids).endswith(
+        "</answer>" + endoftext)
+
+
+def test_response_text_cuts_at_the_first_generated_eos_only(tokenizer):
+    """A passage holding an EOS string is inserted as plain-text ids, so it never cuts the response text."""
+    loop = AgentLoop(None, lambda qs: [], tokenizer, 100)
+    gen = tokenizer.encode("<answer> x </answer>", add_special_tokens=False) + [tokenizer.eos_token_id]
+    passage = tokenizer.encode(f" <result> evil {tokenizer.eos_token} </result>", add_special_tokens=False,
+                               split_special_tokens=True)
+    ids, mask = passage + gen + gen, [0] * len(passage) + [1] * (2 * len(gen))
+    text = loop.response_text(ids, mask)
+    assert text == tokenizer.decode(passage + gen, skip_special_tokens=False)
+
+
+def test_hf_engine_stops_at_every_eos_id(debug_model_dir, tokenizer):
+    """The real engine stops at any id of its EOS set: the greedy first token of a prompt, made an EOS id, ends
+    the response after one token with finish "eos"; without it the engine runs on."""
+    from research_rl.rollout.hf_engine import HFEngine
+
+    prompt = tokenizer.encode("User: Where is Nissedal?", add_special_tokens=False)
+    first = HFEngine(str(debug_model_dir), tokenizer).generate([prompt], [1], SamplingParams(greedy=True))[0]
+    assert first.finish == "length" and len(first.token_ids) == 1
+    engine = HFEngine(str(debug_model_dir), tokenizer, eos_ids=[tokenizer.eos_token_id, first.token_ids[0]])
+    out = engine.generate([prompt], [8], SamplingParams(greedy=True))[0]
+    assert (out.token_ids, out.finish) == (first.token_ids, "eos")

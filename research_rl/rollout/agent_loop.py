@@ -301,7 +301,7 @@ class AgentLoop:
 
     def __init__(self, engine, search_fn: SearchFn, tokenizer, max_response_len: int,
                  max_turns: int | None = None, mode: str = "async", async_search_fn: AsyncSearchFn | None = None,
-                 max_batch_size: int = 64, batch_wait_s: float = 0.0):
+                 max_batch_size: int = 64, batch_wait_s: float = 0.0, eos_ids: Sequence[int] | None = None):
         if mode not in MODES:
             raise ValueError(f"rollout.mode: got {mode!r}, expected one of {list(MODES)}")
         self.engine = engine
@@ -313,7 +313,8 @@ class AgentLoop:
         self.mode = mode
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
-        self.eos_token = tokenizer.eos_token
+        # the ids that end a response (research_rl.rollout.eos; the engine stops on the same set)
+        self.eos_ids = frozenset(eos_ids) if eos_ids else frozenset({tokenizer.eos_token_id})
         self.last_batch_sizes: list[int] = []  # engine batch sizes of the last async run (batched engines)
 
     def run(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[Trajectory]:
@@ -366,7 +367,7 @@ class AgentLoop:
 
     def _finish(self, trajs: list[Trajectory]) -> list[Trajectory]:
         for t in trajs:
-            t.response_text = self.response_text(t.response_ids)
+            t.response_text = self.response_text(t.response_ids, t.loss_mask)
         return trajs
 
     # ---------------------------------------------------------------- turn_sync
@@ -444,8 +445,12 @@ class AgentLoop:
                 search_pool.shutdown(wait=False)
         return self._finish(trajs)
 
-    def response_text(self, response_ids: list[int]) -> str:
-        """Decoded response with special tokens kept, cut after the first EOS (DESIGN: Reward inputs)."""
-        text = self.tokenizer.decode(response_ids, skip_special_tokens=False)
-        cut = text.find(self.eos_token)
-        return text if cut < 0 else text[:cut + len(self.eos_token)]
+    def response_text(self, response_ids: Sequence[int], loss_mask: Sequence[int] | None = None) -> str:
+        """Decoded response with special tokens kept, cut after the first generated EOS (any of ``eos_ids``; the
+        reward's input, docs/concepts.md#the-reward). ``loss_mask`` marks generated ids (1) and inserted result ids
+        (0); without it every id counts as generated. Inserted ids never end a response, and since a passage's
+        special-token strings are encoded as plain text, neither does a passage that contains one."""
+        mask = loss_mask if loss_mask is not None else [1] * len(response_ids)
+        end = next((i + 1 for i, (tok, m) in enumerate(zip(response_ids, mask)) if m and tok in self.eos_ids),
+                   len(response_ids))
+        return self.tokenizer.decode(list(response_ids[:end]), skip_special_tokens=False)

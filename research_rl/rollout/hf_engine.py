@@ -79,13 +79,15 @@ class HFEngine:
 
     Args:
         model_path: HF model id or local directory.
-        tokenizer: the policy tokenizer (its ``eos_token_id`` and ``pad_token_id`` are used).
+        tokenizer: the policy tokenizer (its ``pad_token_id`` pads; its ``eos_token_id`` ends a response unless
+            ``eos_ids`` is given).
         max_batch_size: sequences per ``generate`` call.
         dtype: parameter dtype (float32 on CPU).
+        eos_ids: the ids that end a response (``research_rl.rollout.eos.eos_token_ids``).
     """
 
     def __init__(self, model_path: str, tokenizer, max_batch_size: int = 64, dtype: torch.dtype = torch.float32,
-                 device: str = "cpu"):
+                 device: str = "cpu", eos_ids: Sequence[int] | None = None):
         from transformers import AutoModelForCausalLM, GenerationConfig
 
         self.tokenizer = tokenizer
@@ -93,7 +95,7 @@ class HFEngine:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
         self.max_batch_size = max_batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.eos_ids = {tokenizer.eos_token_id}
+        self.eos_ids = set(eos_ids) if eos_ids else {tokenizer.eos_token_id}
         self._gen_config_cls = GenerationConfig
         self._params = dict(self.model.named_parameters(remove_duplicate=False))
 

@@ -3,9 +3,9 @@
 The agent loop (ReSearch §2.1; research_rl/rollout/agent_loop.py) talks to vLLM's ``AsyncLLM`` token-in/token-out: every
 request is a ``TokensPrompt`` of the trajectory's ids so far (prompt + generated + inserted result ids), and the
 continuation comes back as token ids, never as re-tokenised text. Each request stops at the ``</search>`` stop
-string (kept in the output) or the tokenizer's EOS id, with the shared response budget as ``max_tokens``. EOS is
-the tokenizer's ``eos_token_id`` only (``ignore_eos`` + ``stop_token_ids``), exactly as the HF engine: other ids a
-model's generation config lists as EOS do not stop generation. Sampling: temperature, top-p (no top-k) and a
+string (kept in the output) or an EOS id, with the shared response budget as ``max_tokens``. The EOS ids are
+``eos_ids`` (``research_rl.rollout.eos``: by default every EOS id of the model's generation config, as the
+reference rollout), passed as ``stop_token_ids`` with ``ignore_eos``, exactly the set the HF engine stops on. Sampling: temperature, top-p (no top-k) and a
 per-request ``seed`` (``agent_loop.request_seed``), so a trajectory's tokens do not depend on which requests share
 its decoding steps.
 
@@ -143,7 +143,7 @@ class VLLMEngine:
 
     Args:
         model_path: HF model id or local directory (weights are then replaced by weight sync).
-        tokenizer: the policy tokenizer (its ``eos_token_id`` stops generation).
+        tokenizer: the policy tokenizer (its ``eos_token_id`` ends a response unless ``eos_ids`` is given).
         dtype: ``float32`` | ``bfloat16`` | ``float16`` (``model.dtype``; float32 on CPU).
         max_model_len: tokens per sequence (prompt + response).
         max_num_seqs: sequences per decoding step (``rollout.max_batch_size``).
@@ -153,6 +153,7 @@ class VLLMEngine:
         enforce_eager: no CUDA graphs.
         seed: engine seed (requests carry their own).
         cpu_kv_cache_gb: KV cache on the CPU backend, GiB.
+        eos_ids: the ids that end a response (``research_rl.rollout.eos.eos_token_ids``).
     Raises:
         ImportError: vllm is not installed (``pip install -e '.[vllm]'`` on GPU machines).
     """
@@ -160,7 +161,7 @@ class VLLMEngine:
     def __init__(self, model_path: str, tokenizer, dtype: str = "bfloat16", max_model_len: int = 8704,
                  max_num_seqs: int = 256, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
                  enable_sleep_mode: bool = False, enforce_eager: bool = False, seed: int = 0,
-                 cpu_kv_cache_gb: int = 1):
+                 cpu_kv_cache_gb: int = 1, eos_ids: Sequence[int] | None = None):
         try:
             import vllm  # noqa: F401  (fail here, with the install hint, rather than in the event-loop thread)
         except ImportError as e:
@@ -168,7 +169,7 @@ class VLLMEngine:
                               "contract tests: make test-vllm)") from e
 
         self.tokenizer = tokenizer
-        self.eos_id = tokenizer.eos_token_id
+        self.eos_ids = list(eos_ids) if eos_ids else [tokenizer.eos_token_id]
         self.model_path = model_path
         self.on_cpu = not torch.cuda.is_available()
         if self.on_cpu:
@@ -193,9 +194,12 @@ class VLLMEngine:
         self._names = self._parameter_names(model_path)
 
     @classmethod
-    def from_config(cls, cfg, model_path: str, tokenizer, dtype: str, max_model_len: int) -> "VLLMEngine":
-        """From ``RolloutConfig`` (``rollout.vllm_*``, ``max_batch_size``), ``model.dtype`` and the sequence limit."""
+    def from_config(cls, cfg, model_path: str, tokenizer, dtype: str, max_model_len: int,
+                    eos_ids: Sequence[int] | None = None) -> "VLLMEngine":
+        """From ``RolloutConfig`` (``rollout.vllm_*``, ``max_batch_size``), ``model.dtype``, the sequence limit and
+        the EOS ids."""
         return cls(model_path, tokenizer, dtype=dtype, max_model_len=max_model_len, max_num_seqs=cfg.max_batch_size,
+                   eos_ids=eos_ids,
                    tensor_parallel_size=cfg.vllm_tensor_parallel_size,
                    gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=cfg.vllm_sleep_level > 0,
                    enforce_eager=cfg.vllm_enforce_eager, cpu_kv_cache_gb=cfg.vllm_cpu_kv_cache_gb)
@@ -230,7 +234,7 @@ class VLLMEngine:
         from vllm import SamplingParams as VSamplingParams
 
         common = dict(max_tokens=budget, stop=[SEARCH_CLOSE], include_stop_str_in_output=True,
-                      stop_token_ids=[self.eos_id], ignore_eos=True, skip_special_tokens=False,
+                      stop_token_ids=list(self.eos_ids), ignore_eos=True, skip_special_tokens=False,
                       spaces_between_special_tokens=False, detokenize=True)
         if sampling.is_greedy:
             return VSamplingParams(temperature=0.0, **common)
@@ -248,7 +252,7 @@ class VLLMEngine:
             final = out
         c = final.outputs[0]
         ids = list(c.token_ids)
-        if ids and ids[-1] == self.eos_id:
+        if ids and ids[-1] in self.eos_ids:
             finish = "eos"
         elif c.finish_reason == "stop" and c.stop_reason == SEARCH_CLOSE:
             finish = "search"
