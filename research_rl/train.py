@@ -1,9 +1,10 @@
 """Entry point: ``python -m research_rl.train experiment=NAME [key=value ...]`` (Hydra; sweeps with ``-m``, each run
 with its own output directory and Ray namespace, summarised by ``research_rl.sweep``).
 
-The config is composed, converted to the typed ``Config`` and validated, then ``research_rl.config.preflight.check_train``
-checks what the run uses (placement, the local CPUs, installed backends, data files, the model directory, the
-retriever): a bad value or a missing file fails here, naming its key, before Ray or any actor starts.
+The config is composed, converted to the typed ``Config`` and validated, then
+``research_rl.config.preflight.check_train`` checks what the run uses (placement, the local CPUs, installed backends,
+data files, the model directory, the retriever): a bad value or a missing file fails here, naming its key, before
+the trainer is imported and before Ray or any actor starts.
 """
 
 from __future__ import annotations

@@ -84,7 +84,8 @@ def check_vllm(cfg: Config) -> None:
     ro = cfg.rollout
     if ro.engine == "vllm" and ro.num_gpus_per_worker <= 0:
         raise ConfigError("rollout.num_gpus_per_worker", "rollout.engine=vllm runs on GPUs; set a GPU share per worker")
-    if ro.engine == "vllm" and ro.vllm_tensor_parallel_size > 1 and ro.num_gpus_per_worker < ro.vllm_tensor_parallel_size:
+    if (ro.engine == "vllm" and ro.vllm_tensor_parallel_size > 1
+            and ro.num_gpus_per_worker < ro.vllm_tensor_parallel_size):
         raise ConfigError("rollout.vllm_tensor_parallel_size", f"{ro.vllm_tensor_parallel_size} GPUs per engine, but "
                           f"each rollout worker holds rollout.num_gpus_per_worker={ro.num_gpus_per_worker:g}")
     if ro.vllm_max_model_len is not None and ro.vllm_max_model_len < cfg.data.max_prompt_len + ro.max_response_len:
