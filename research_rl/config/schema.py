@@ -397,7 +397,8 @@ class TrainerConfig:
 
 @dataclass
 class PlacementConfig:
-    """Where the roles run (``research_rl/roles/placement.py``; docs/cluster.md).
+    """Where the roles run (``research_rl/roles/placement.py``; the arithmetic in ``research_rl/config/pools.py``;
+    docs/cluster.md).
 
     The GPU nodes are ``nnodes`` × ``gpus_per_node``. ``colocated``: one pool of every GPU; each GPU hosts one learner
     rank and one rollout worker (and one reference worker when ``reference.placement=separate``), which share it.
