@@ -24,9 +24,11 @@ HEADER = """# Configuration reference
 
 Generated from the typed schema in `research_rl/config/schema.py` by `python -m research_rl.config_reference`; a test
 fails when it is stale. Every key can be set in an experiment file (`conf/experiment/*.yaml`) or overridden on the
-command line (`python -m research_rl.train experiment=debug_cpu retriever.top_k=3`). An unknown key or a value of the
-wrong type fails when the config is composed. Cross-field checks (batch divisibility, the GPU budget, CPUs of a local
-cluster) run before Ray starts; every error names its key.
+command line (`python -m research_rl.train experiment=debug_cpu retriever.top_k=3`). An unknown key, a value of the
+wrong type, a number that is not finite or out of its range, and a failed cross-field check (batch divisibility)
+fail when the config is composed. What depends on the machine or the cluster (the GPU placement arithmetic, the CPUs
+of a local cluster, installed backends, files) is checked by each entry point's preflight
+(`research_rl/config/preflight.py`), still before Ray starts; every error names its key.
 """
 
 

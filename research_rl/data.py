@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,18 +18,27 @@ class DataError(ValueError):
     """Malformed data; the message starts with ``FILE:LINE:``."""
 
 
+_BAD_BYTE = re.compile("[\udc80-\udcff]")  # an undecodable byte under errors="surrogateescape"
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, row)`` for each non-blank line (1-based line numbers).
 
     Raises:
         FileNotFoundError: the file does not exist.
-        DataError: a line is not a JSON object (``FILE:LINE: reason``).
+        DataError: a line is not valid UTF-8 or not a JSON object (``FILE:LINE: reason``).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    with path.open(encoding="utf-8") as f:
+    # surrogateescape: an undecodable byte becomes one lone surrogate (U+DC80..U+DCFF), which valid UTF-8 never
+    # decodes to, so the bad line is known (strict decoding fails per chunk, with no line number)
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
+            bad = _BAD_BYTE.search(line)
+            if bad:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} at "
+                                f"column {bad.start() + 1}); data files must be UTF-8 encoded JSON lines")
             if not line.strip():
                 continue
             try:

@@ -33,36 +33,10 @@ import hydra
 from omegaconf import DictConfig
 
 from research_rl.config.compose import CONF_DIR
-from research_rl.config.schema import Config, ConfigError, EvalConfig, load_config
+from research_rl.config.preflight import check_evaluate, question_files
+from research_rl.config.schema import Config, ConfigError, load_config
 
 METHOD_LABELS = {"research": "ReSearch", "naive_generation": "Naive Generation", "naive_rag": "Naive RAG"}
-
-
-def question_files(ev: EvalConfig) -> list[tuple[str, str]]:
-    """``(dataset, path)`` pairs to evaluate, in order: ``eval.files`` when given (dataset = the file's folder name),
-    else ``eval.datasets`` resolved by ``evaluation.question_file``.
-
-    Raises:
-        ConfigError: a file does not exist (naming ``eval.files`` or ``eval.datasets``) or two files share a dataset
-            name.
-    """
-    from research_rl.algo.evaluation import question_file
-
-    if ev.files:
-        key, pairs = "eval.files", [(Path(f).parent.name, f) for f in ev.files]
-    else:
-        key, pairs = "eval.datasets", [(name, question_file(ev.data_dir, name)) for name in ev.datasets]
-    for name, path in pairs:
-        if not Path(path).is_file():
-            hint = (f"dataset {name!r} resolves to {path} (eval.data_dir={ev.data_dir}: <name>/dev.jsonl, "
-                    "bamboogle/test.jsonl); pass explicit files with eval.files=[PATH,...]") if key == "eval.datasets" \
-                else "expected a FlashRAG JSONL question file"
-            raise ConfigError(key, f"no question file {path}: {hint}")
-    names = [n for n, _ in pairs]
-    if len(set(names)) != len(names):
-        raise ConfigError(key, f"two question files share a dataset name in {names}; each file's folder names its "
-                          "dataset")
-    return pairs
 
 
 def paper_label(method: str, size: str | None, template: str) -> str:
@@ -73,7 +47,8 @@ def paper_label(method: str, size: str | None, template: str) -> str:
 
 
 class Evaluator:
-    """Holds the engine, the agent loop and the search function; runs one batch of questions at a time."""
+    """Holds the engine, the agent loop and the search function; runs one batch of questions at a time. Expects a
+    config that passed ``research_rl.config.preflight.check_evaluate`` (the model, the retriever, the files)."""
 
     def __init__(self, cfg: Config):
         import torch
@@ -81,28 +56,21 @@ class Evaluator:
 
         from research_rl.rollout.agent_loop import AgentLoop, SamplingParams
         from research_rl.rollout.hf_engine import HFEngine
-        from research_rl.config.preflight import check_service, looks_local
 
         self.cfg = cfg
         if cfg.rollout.torch_threads:
             torch.set_num_threads(cfg.rollout.torch_threads)
-        if looks_local(cfg.model.path) and not (Path(cfg.model.path) / "config.json").is_file():
-            raise FileNotFoundError(f"model.path={cfg.model.path} is not a model directory")
         self.search_fn = None
         if cfg.eval.method != "naive_generation":
             if cfg.retriever.url:
                 from research_rl.retrieval.client import RetrieverClient
 
-                check_service(cfg.retriever.url, cfg.retriever.timeout_s)
                 client = RetrieverClient(url=cfg.retriever.url, timeout_s=cfg.retriever.timeout_s)
                 self.search_fn = lambda qs: [None if ps is None else [p.contents for p in ps]
                                              for ps in client.search(qs, cfg.retriever.top_k)]
             else:
                 from research_rl.retrieval.retriever import Retriever
 
-                if not Path(cfg.data.corpus_path).is_file():
-                    raise FileNotFoundError(f"data.corpus_path={cfg.data.corpus_path} not found (the retriever checks "
-                                            "that its index was built from this corpus)")
                 retriever = Retriever(cfg.retriever.index_dir, cfg.retriever.kind, cfg.retriever.top_k,
                                       cfg.retriever.threads, corpus_path=cfg.data.corpus_path)
                 self.search_fn = lambda qs: [[p.contents for p in ps] for ps in retriever.search(qs)]
@@ -181,7 +149,8 @@ def apply_judge(rows: list[dict], client) -> list:
 
 
 def run_evaluation(cfg: Config) -> dict:
-    """Evaluate ``cfg.eval.method`` on the configured datasets and write the outputs (module docstring).
+    """Evaluate ``cfg.eval.method`` on the configured datasets and write the outputs (module docstring). ``main``
+    runs ``research_rl.config.preflight.check_evaluate`` first; a caller building ``cfg`` itself may too.
 
     Returns:
         ``{"metrics": {...}, "table": markdown, "output_dir": path}``.
@@ -265,8 +234,8 @@ def run_evaluation(cfg: Config) -> dict:
 def main(dcfg: DictConfig) -> dict:
     try:
         cfg = load_config(dcfg)
-        question_files(cfg.eval)  # fail on a missing file before loading the model
-    except ConfigError as e:
+        check_evaluate(cfg)  # the files, model and retriever this run uses, before loading the model
+    except (ConfigError, FileNotFoundError) as e:
         sys.exit(str(e))
     result = run_evaluation(cfg)
     print("\n" + result["table"])

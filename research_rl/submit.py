@@ -3,8 +3,9 @@
     python -m research_rl.submit EXPERIMENT [key=value ...] [--address URL] [--storage DIR] [--env K=V] [--pip SPEC]
                                  [--no-wait]
 
-The config (``experiment=EXPERIMENT`` plus the overrides) is composed and validated here first, so a bad override
-fails before anything reaches the cluster. The job runs ``python -m research_rl.train experiment=EXPERIMENT
+The config (``experiment=EXPERIMENT`` plus the overrides) is composed and checked here first
+(``research_rl.config.preflight.check_submit``: the fields, the cross-field checks, placement, the vLLM settings), so
+a bad override fails before anything reaches the cluster; the files are checked by the job itself on the cluster. The job runs ``python -m research_rl.train experiment=EXPERIMENT
 ray.address=auto OVERRIDES`` on the head node with a runtime environment: this repository as the working
 directory (without ``EXCLUDES``: virtualenvs, outputs, built artifacts), the environment variables in
 ``ENV_PASSTHROUGH`` that are set here (``HF_HOME``, tokens, NCCL settings) plus ``--env``, and optional ``--pip``
@@ -50,7 +51,8 @@ class Job:
 
 def build_job(experiment: str, overrides: list[str], storage: str | None = None, env: list[str] = (),
               pip: list[str] = (), python: str = "python") -> Job:
-    """Compose and validate the config, then the job's entrypoint and runtime environment.
+    """Compose the config and check it alone (``preflight.check_submit``), then the job's entrypoint and runtime
+    environment. ``notes`` carries the placement notes (idle GPUs) and where paths point on the cluster.
 
     Raises:
         research_rl.config.schema.ConfigError: a bad experiment or override (the key is named).
@@ -59,12 +61,14 @@ def build_job(experiment: str, overrides: list[str], storage: str | None = None,
     from omegaconf import OmegaConf
 
     from research_rl.config.compose import compose_config
+    from research_rl.config.preflight import check_submit
     from research_rl.config.schema import to_dict
 
     overrides = [o for o in overrides if not o.startswith("ray.address=")]
     cfg = compose_config([f"experiment={experiment}", *overrides, "ray.address=auto"])
+    notes = check_submit(cfg)
     flat = OmegaConf.create(to_dict(cfg))
-    extra, notes = [], []
+    extra = []
     base = Path(storage).resolve() if storage else ROOT
     for key in PATH_KEYS:
         value = OmegaConf.select(flat, key)

@@ -1,7 +1,10 @@
 """Entry point: ``python -m research_rl.train experiment=NAME [key=value ...]`` (Hydra; sweeps with ``-m``, each run
 with its own output directory and Ray namespace, summarised by ``research_rl.sweep``).
 
-The config is composed, converted to the typed ``Config`` and validated before Ray or any actor starts.
+The config is composed, converted to the typed ``Config`` and validated, then
+``research_rl.config.preflight.check_train`` checks what the run uses (placement, the local CPUs, installed backends,
+data files, the model directory, the retriever): a bad value or a missing file fails here, naming its key, before
+the trainer is imported and before Ray or any actor starts.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import hydra
 from omegaconf import DictConfig
 
 from research_rl.config.compose import CONF_DIR
+from research_rl.config.preflight import check_train
 from research_rl.config.schema import ConfigError, load_config
+from research_rl.data import DataError
 
 
 def format_summary(s: dict) -> str:
@@ -71,10 +76,13 @@ def main(dcfg: DictConfig) -> dict:
     multirun = per_run(dcfg)
     try:
         cfg = load_config(dcfg)
-    except ConfigError as e:
+        notes = check_train(cfg)
+    except (ConfigError, FileNotFoundError, DataError) as e:
         if multirun:
             raise  # the sweep records this run as failed and goes on with the next one
         sys.exit(str(e))
+    for note in notes:
+        print(note)
     from research_rl.driver.trainer import GRPOTrainer
 
     trainer = GRPOTrainer(cfg)

@@ -1,4 +1,5 @@
-"""Every experiment composes and validates; bad overrides fail naming the key, before any actor starts."""
+"""Every experiment composes and validates; bad overrides fail naming the key, before any actor starts.
+Range checks of every number and the preflight's composition: tests/test_preflight.py."""
 
 import subprocess
 import sys
@@ -6,6 +7,7 @@ import sys
 import pytest
 
 from research_rl.config.compose import CONF_DIR, compose_config
+from research_rl.config.preflight import check_config
 from research_rl.config.schema import Config, ConfigError
 
 pytestmark = pytest.mark.unit
@@ -21,6 +23,7 @@ def test_every_experiment_composes_and_validates(name):
     cfg = compose_config([f"experiment={name}"])
     assert isinstance(cfg, Config)
     assert cfg.experiment_name == name
+    check_config(cfg)  # placement, vLLM settings, and (local clusters) the CPU budget
 
 
 def test_paper_settings_in_7b_experiment():
@@ -61,7 +64,7 @@ def test_paper_settings_in_7b_experiment():
 ])
 def test_bad_override_names_the_key(override, key):
     with pytest.raises(ConfigError) as e:
-        compose_config(["experiment=debug_cpu", override])
+        check_config(compose_config(["experiment=debug_cpu", override]))
     assert key in str(e.value)
 
 
@@ -74,13 +77,16 @@ def test_batch_divisibility_and_gpu_budget():
 
 
 def test_actors_must_fit_the_local_cluster():
+    cfg = compose_config(["experiment=debug_cpu", "ray.num_cpus=2"])  # composing checks the config alone
     with pytest.raises(ConfigError, match=r"ray.num_cpus.*= 2.5 CPUs"):
-        compose_config(["experiment=debug_cpu", "ray.num_cpus=2"])
+        check_config(cfg)
     with pytest.raises(ConfigError, match=r"retriever 2.5 \(num_replicas × num_cpus\).*= 4.5 CPUs"):
-        compose_config(["experiment=debug_cpu", "retriever.num_replicas=5"])
+        check_config(compose_config(["experiment=debug_cpu", "retriever.num_replicas=5"]))
     # a remote retrieval service takes no local CPUs
     cfg = compose_config(["experiment=debug_cpu", "ray.num_cpus=2", "retriever.url=http://127.0.0.1:8000"])
-    assert cfg.retriever.url == "http://127.0.0.1:8000"
+    assert check_config(cfg) == [] and cfg.retriever.url == "http://127.0.0.1:8000"
+    # joining a running cluster: its CPUs are Ray's to count
+    check_config(compose_config(["experiment=debug_cpu", "ray.num_cpus=2", "ray.address=auto"]))
 
 
 def test_train_cli_rejects_unknown_key_before_ray_starts(tmp_path):
@@ -119,7 +125,8 @@ def test_deepspeed_backend_without_deepspeed_names_the_install_command(monkeypat
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    cfg = compose_config(["experiment=debug_cpu", "learner.backend=deepspeed"])
     with pytest.raises(ConfigError, match=r"learner.backend.*pip install -e '\.\[deepspeed\]'"):
-        compose_config(["experiment=debug_cpu", "learner.backend=deepspeed"])
+        check_config(cfg)
     cfg = compose_config(["experiment=debug_cpu", "learner.backend=fsdp2"])  # fsdp2 never needs it
-    assert cfg.learner.backend == "fsdp2"
+    assert check_config(cfg) == [] and cfg.learner.backend == "fsdp2"

@@ -37,6 +37,25 @@ def test_malformed_line_names_file_and_line(tmp_path, line, reason):
     assert f"{path}:3:" in str(e.value) and reason in str(e.value)
 
 
+def test_invalid_utf8_names_file_line_and_byte(tmp_path):
+    good = json.dumps({"id": "1", "question": "Who wrote Faust?", "golden_answers": ["Goethe"]}, ensure_ascii=False)
+    path = tmp_path / "qs.jsonl"
+    # line 2 is valid UTF-8 (ü); line 3 holds a Latin-1 "é" (byte 0xe9), as a file saved in the wrong encoding has
+    path.write_bytes((good + "\n" + good.replace("Goethe", "Müller") + "\n").encode("utf-8")
+                     + b'{"id": "3", "question": "Caf\xe9?", "golden_answers": ["x"]}\n')
+    with pytest.raises(DataError) as e:
+        load_questions(path)
+    # column 29: the é after {"id": "3", "question": "Caf (28 characters)
+    assert str(e.value).startswith(f"{path}:3: not valid UTF-8 (byte 0xe9 at column 29)")
+    path.write_bytes(path.read_bytes().replace(b"\xe9", "é".encode("utf-8")))  # the same file, re-encoded
+    assert [q.question for q in load_questions(path)][2] == "Café?"
+    # a UTF-16 corpus fails on its first line, not with a bare UnicodeDecodeError
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"id": "p1", "contents": "x"}\n', encoding="utf-16")
+    with pytest.raises(DataError, match=f"{corpus}:1: not valid UTF-8"):
+        load_corpus(corpus)
+
+
 def test_corpus_row_without_contents(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text('{"id": "p1", "contents": "x"}\n{"id": "p2", "title": "t"}\n')

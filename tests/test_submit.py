@@ -47,6 +47,9 @@ def test_print_mode_gives_submit_sh_the_job(capsys):
     (["debug_cpu", "trainer.totl_steps=2", "--address", "http://127.0.0.1:9"], "trainer.totl_steps"),
     (["no_such_experiment", "--address", "http://127.0.0.1:9"], "no_such_experiment"),
     (["debug_cpu", "--env", "NOVALUE", "--address", "http://127.0.0.1:9"], "KEY=VALUE"),
+    (["debug_cpu", "learner.lr=nan", "--address", "http://127.0.0.1:9"], "'learner.lr'"),
+    # the preflight's placement arithmetic: GPU workers on a config of CPU-only nodes
+    (["debug_cpu", "learner.num_gpus_per_worker=1", "--address", "http://127.0.0.1:9"], "learner.num_gpus_per_worker"),
 ])
 def test_bad_input_fails_before_anything_is_submitted(argv, message, capsys):
     """Exit 2 with the reason; the address points nowhere, so reaching it would fail differently."""
@@ -58,3 +61,17 @@ def test_no_address_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert submit.main(["debug_cpu"]) == 2
     assert "RAY_ADDRESS" in capsys.readouterr().err
+
+
+def test_files_and_packages_are_the_clusters_to_check(monkeypatch, tmp_path):
+    """check_submit checks the config alone: a model directory and data that exist only on the cluster, and a
+    backend installed only there, pass; the placement notes (idle GPUs) come back with the job."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    overrides = ["model.path=/cluster/models/qwen", "learner.backend=deepspeed", "placement.mode=disaggregated",
+                 "learner.num_workers=32", "rollout.num_workers=16"]
+    job = submit.build_job("research_qwen2.5_7b_instruct", overrides, storage=str(tmp_path))
+    assert "model.path=/cluster/models/qwen" in shlex.split(job.entrypoint)
+    assert any(n.startswith("placement: 16 of 64 GPUs stay idle") for n in job.notes), job.notes

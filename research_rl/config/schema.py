@@ -3,7 +3,10 @@
 One source of defaults. Every YAML under ``conf/`` composes onto ``Config`` (the ``base_config`` schema),
 so an unknown key or a value of the wrong type fails at composition with the key named by OmegaConf.
 ``load_config`` converts the composed config with ``OmegaConf.to_object`` (so ``__post_init__`` checks run)
-and ``validate`` runs the cross-field checks; both happen before ``ray.init``.
+and ``validate`` runs the cross-field checks; both happen before ``ray.init``. Every number is checked by one helper,
+``_number``: finite (NaN and ±inf are refused by name) and within its range (rates and timeouts > 0, coefficients
+>= 0, probabilities and fractions in their intervals, counts >= 1 where 0 means nothing). This module imports no
+other research_rl module; the checks of files, packages and the cluster are ``research_rl.config.preflight``.
 
 Defaults follow the paper's settings (ReSearch §3.1 and the released training script; see DESIGN.md):
 group size 5, clip 0.2, KL 0.001 (low_var_kl), entropy 0.001, lr 1e-6, grad clip 1.0, 256 prompts per step,
@@ -15,6 +18,7 @@ moves Hydra's output directory to ``eval.output_dir``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -47,9 +51,43 @@ def _one_of(key: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(key, f"got {value!r}, expected one of {list(allowed)}")
 
 
+def _number(key: str, value: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False) -> None:
+    """The one numeric check of every ``__post_init__``: ``value`` is a finite number in ``[low, high]`` (an end is
+    open when ``low_open``/``high_open``; ``None`` = unbounded). NaN and ±inf are refused by name rather than
+    slipping past comparisons (``nan < 0`` is False, so ``nan`` passed every ``value < 0`` check).
+
+    Raises:
+        ConfigError: naming ``key``, the value and the range expected.
+    """
+    def text(x: float) -> str:
+        return str(x) if isinstance(x, int) else f"{x:g}"
+
+    name = key.rsplit(".", 1)[-1]
+    if low is not None and high is None:
+        expected = f"{name} {'>' if low_open else '>='} {text(low)}"
+    elif low is None and high is None:
+        expected = ""
+    else:
+        expected = (f"{text(low)} {'<' if low_open else '<='} " if low is not None else "") + name + \
+            f" {'<' if high_open else '<='} {text(high)}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(key, f"got {value!r}, expected a number{' with ' + expected if expected else ''}")
+    if not math.isfinite(value):
+        raise ConfigError(key, f"got {value!r}, expected a finite number{' with ' + expected if expected else ''}")
+    if (low is not None and (value < low or (low_open and value == low))) or \
+            (high is not None and (value > high or (high_open and value == high))):
+        raise ConfigError(key, f"got {value!r}, expected {expected}")
+
+
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(key, f"got {value!r}, expected a {'non-negative' if allow_zero else 'positive'} number")
+    """A finite number > 0 (>= 0 with ``allow_zero``); counts, sizes, rates and timeouts."""
+    _number(key, value, 0, low_open=not allow_zero)
+
+
+def _seed(key: str, value: int) -> None:
+    """A seed numpy accepts too (``np.random.seed`` takes 0 <= seed < 2**32)."""
+    _number(key, value, 0, 2**32, high_open=True)
 
 
 @dataclass
@@ -66,8 +104,10 @@ class DebugModelConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "max_position_embeddings"):
             _positive(f"model.debug.{name}", getattr(self, name))
+        _seed("model.debug.seed", self.seed)
         if self.hidden_size % self.num_heads:
             raise ConfigError("model.debug.hidden_size", f"{self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
@@ -181,9 +221,10 @@ class RolloutConfig:
         if self.group_size < 2:
             raise ConfigError("rollout.group_size", f"got {self.group_size}; GRPO needs at least 2 rollouts per group")
         _positive("rollout.num_workers", self.num_workers)
+        _positive("rollout.num_cpus_per_worker", self.num_cpus_per_worker, allow_zero=True)
+        _positive("rollout.num_gpus_per_worker", self.num_gpus_per_worker, allow_zero=True)
         _positive("rollout.temperature", self.temperature, allow_zero=True)
-        if not 0 < self.top_p <= 1:
-            raise ConfigError("rollout.top_p", f"got {self.top_p}, expected 0 < top_p <= 1")
+        _number("rollout.top_p", self.top_p, 0, 1, low_open=True)
         _positive("rollout.max_response_len", self.max_response_len)
         if self.max_turns is not None:
             _positive("rollout.max_turns", self.max_turns)
@@ -191,9 +232,7 @@ class RolloutConfig:
         _positive("rollout.batch_wait_ms", self.batch_wait_ms, allow_zero=True)
         _positive("rollout.torch_threads", self.torch_threads, allow_zero=True)
         _positive("rollout.vllm_tensor_parallel_size", self.vllm_tensor_parallel_size)
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise ConfigError("rollout.vllm_gpu_memory_utilization",
-                              f"got {self.vllm_gpu_memory_utilization}, expected a fraction in (0, 1]")
+        _number("rollout.vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, 0, 1, low_open=True)
         if self.vllm_max_model_len is not None:
             _positive("rollout.vllm_max_model_len", self.vllm_max_model_len)
         _one_of("rollout.vllm_sleep_level", self.vllm_sleep_level, (0, 1, 2))
@@ -213,7 +252,9 @@ class AlgoConfig:
     def __post_init__(self) -> None:
         _positive("algo.clip_eps", self.clip_eps)
         _positive("algo.kl_coef", self.kl_coef, allow_zero=True)
+        _positive("algo.kl_clamp", self.kl_clamp)  # the bound on the per-token k3 KL; 0 would zero the KL term
         _positive("algo.entropy_coef", self.entropy_coef, allow_zero=True)
+        _positive("algo.adv_eps", self.adv_eps)  # std + eps: 0 divides by zero in a group with equal rewards
 
 
 @dataclass
@@ -247,14 +288,20 @@ class LearnerConfig:
         _one_of("learner.backend", self.backend, LEARNER_BACKENDS)
         _one_of("learner.zero_stage", self.zero_stage, (2, 3))
         _positive("learner.num_workers", self.num_workers)
+        _positive("learner.num_cpus_per_worker", self.num_cpus_per_worker, allow_zero=True)
+        _positive("learner.num_gpus_per_worker", self.num_gpus_per_worker, allow_zero=True)
+        _positive("learner.torch_threads", self.torch_threads, allow_zero=True)
         _positive("learner.lr", self.lr)
-        _positive("learner.grad_clip", self.grad_clip)
+        _positive("learner.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("learner.grad_clip", self.grad_clip)  # clip_grad_norm_ max norm; 0 would zero every gradient
         _positive("learner.micro_batch_size", self.micro_batch_size)
         if self.max_tokens_per_micro_batch is not None:
             _positive("learner.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch)
         _positive("learner.weight_sync_bucket_mb", self.weight_sync_bucket_mb)
         if len(self.betas) != 2:
             raise ConfigError("learner.betas", f"expected two values, got {self.betas}")
+        for i, beta in enumerate(self.betas):  # AdamW's moment decay rates
+            _number(f"learner.betas[{i}]", beta, 0, 1, high_open=True)
 
 
 @dataclass
@@ -288,8 +335,9 @@ class WarmupConfig:
         _positive("warmup.steps", self.steps)
         _positive("warmup.batch_size", self.batch_size)
         _positive("warmup.lr", self.lr)
-        if not 0 <= self.search_fraction <= 1:
-            raise ConfigError("warmup.search_fraction", f"got {self.search_fraction}, expected 0..1")
+        _number("warmup.search_fraction", self.search_fraction, 0, 1)
+        _positive("warmup.max_seq_len", self.max_seq_len)
+        _seed("warmup.seed", self.seed)
 
 
 @dataclass
@@ -305,7 +353,9 @@ class ValidationConfig:
     best_metric: str = "val/em"  # higher is better; val/<metric> or val/<dataset>/<metric>
 
     def __post_init__(self) -> None:
+        _positive("validation.every", self.every, allow_zero=True)
         _positive("validation.num_questions", self.num_questions)
+        _seed("validation.seed", self.seed)
         parts = self.best_metric.split("/")
         if parts[0] != "val" or len(parts) not in (2, 3) or parts[-1] not in VAL_METRICS:
             raise ConfigError("validation.best_metric", f"got {self.best_metric!r}, expected val/<metric> or "
@@ -336,14 +386,19 @@ class TrainerConfig:
         _positive("trainer.epochs", self.epochs)
         if self.total_steps is not None:
             _positive("trainer.total_steps", self.total_steps)
+        if self.max_minutes is not None:
+            _positive("trainer.max_minutes", self.max_minutes)
         _positive("trainer.save_every", self.save_every, allow_zero=True)
         _positive("trainer.keep_last", self.keep_last)
-        _positive("trainer.probe_tolerance", self.probe_tolerance)
+        _seed("trainer.seed", self.seed)
+        _number("trainer.rollouts_to_log", self.rollouts_to_log, -1)
+        _positive("trainer.probe_tolerance", self.probe_tolerance, allow_zero=True)
 
 
 @dataclass
 class PlacementConfig:
-    """Where the roles run (``research_rl/roles/placement.py``; docs/cluster.md).
+    """Where the roles run (``research_rl/roles/placement.py``; the arithmetic in ``research_rl/config/pools.py``;
+    docs/cluster.md).
 
     The GPU nodes are ``nnodes`` × ``gpus_per_node``. ``colocated``: one pool of every GPU; each GPU hosts one learner
     rank and one rollout worker (and one reference worker when ``reference.placement=separate``), which share it.
@@ -406,6 +461,9 @@ class JudgeConfig:
     max_concurrency: int = 8
 
     def __post_init__(self) -> None:
+        _positive("eval.judge.timeout_s", self.timeout_s)
+        _positive("eval.judge.max_retries", self.max_retries, allow_zero=True)
+        _positive("eval.judge.max_concurrency", self.max_concurrency)
         if self.base_url is None:
             if self.model is not None:
                 raise ConfigError("eval.judge.base_url", f"eval.judge.model={self.model} needs an endpoint; set "
@@ -417,9 +475,6 @@ class JudgeConfig:
             raise ConfigError("eval.judge.model", "the judge needs a model name, e.g. eval.judge.model=gpt-4o-mini")
         if not self.api_key_env:
             raise ConfigError("eval.judge.api_key_env", "must name the environment variable holding the API key")
-        _positive("eval.judge.timeout_s", self.timeout_s)
-        _positive("eval.judge.max_retries", self.max_retries, allow_zero=True)
-        _positive("eval.judge.max_concurrency", self.max_concurrency)
 
 
 @dataclass
@@ -454,6 +509,7 @@ class EvalConfig:
                                   "(explicit paths go in eval.files)")
         if self.limit is not None:
             _positive("eval.limit", self.limit)
+        _seed("eval.seed", self.seed)
         _positive("eval.batch_size", self.batch_size)
         if not self.output_dir:
             raise ConfigError("eval.output_dir", "must name a directory")
@@ -466,6 +522,10 @@ class RayConfig:
     address: Optional[str] = None  # None: start a local cluster; "auto" or host:port to join one
     namespace: str = "research_rl"
     num_cpus: Optional[int] = None  # local cluster only; None = detected
+
+    def __post_init__(self) -> None:
+        if self.num_cpus is not None:
+            _positive("ray.num_cpus", self.num_cpus)
 
 
 @dataclass
@@ -493,9 +553,11 @@ def register_configs() -> None:
 
 
 def validate(cfg: Config) -> Config:
-    """Cross-field checks that no single field can make; raises ``ConfigError`` naming the key.
+    """Cross-field checks of the config alone, which no single field can make; raises ``ConfigError`` naming the key.
 
-    Runs before ``ray.init``: group size, batch divisibility across workers, and the GPU budget.
+    Batch divisibility across workers and the group size. Pure: no file, package or cluster is looked at, and
+    nothing else of research_rl is imported; what depends on them (placement arithmetic, the local cluster's CPUs,
+    installed backends, the vLLM settings, files) is ``research_rl.config.preflight``.
     """
     trajectories = cfg.trainer.prompts_per_step * cfg.rollout.group_size
     if cfg.trainer.prompts_per_step % cfg.rollout.num_workers:
@@ -512,46 +574,9 @@ def validate(cfg: Config) -> Config:
     if cfg.reference.placement == "separate" and trajectories % cfg.reference.num_workers:
         raise ConfigError("reference.num_workers", f"{trajectories} trajectories per step do not split evenly over "
                           f"{cfg.reference.num_workers} reference ranks")
-    if cfg.validation.every < 0:
-        raise ConfigError("validation.every", f"got {cfg.validation.every}, expected >= 0")
-
-    from research_rl.roles.placement import check_placement
-
-    check_placement(cfg)  # GPU arithmetic per pool; raises ConfigError with the sums
-    if cfg.ray.address is None:  # a local cluster: every actor must fit, or Ray waits forever to place one
-        import os
-
-        cpus = cfg.ray.num_cpus if cfg.ray.num_cpus is not None else os.cpu_count()
-        retriever_cpus = 0.0 if cfg.retriever.url else cfg.retriever.num_replicas * cfg.retriever.num_cpus
-        ref = cfg.reference
-        ref_cpus = ref.num_workers * ref.num_cpus_per_worker if ref.placement == "separate" else 0.0
-        demand = (retriever_cpus + cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker
-                  + cfg.learner.num_workers * cfg.learner.num_cpus_per_worker + ref_cpus)
-        if demand > cpus:
-            raise ConfigError(
-                "ray.num_cpus",
-                f"the actors need retriever {retriever_cpus:g} (num_replicas × num_cpus) + rollout "
-                f"{cfg.rollout.num_workers} × {cfg.rollout.num_cpus_per_worker:g} + learner "
-                f"{cfg.learner.num_workers} × {cfg.learner.num_cpus_per_worker:g}"
-                + (f" + reference {ref.num_workers} × {ref.num_cpus_per_worker:g}" if ref_cpus else "")
-                + f" = {demand:g} CPUs but the local cluster has {cpus}; raise ray.num_cpus (logical CPUs may "
-                "exceed cores: rollout and learner take turns) or lower the shares")
-    if cfg.learner.backend == "deepspeed":
-        import importlib.util
-
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError("learner.backend", "deepspeed is not installed; install it with: "
-                              "pip install -e '.[deepspeed]' (or use learner.backend=fsdp2)")
-    ro = cfg.rollout
-    if ro.engine == "vllm" and ro.num_gpus_per_worker <= 0:
-        raise ConfigError("rollout.num_gpus_per_worker", "rollout.engine=vllm runs on GPUs; set a GPU share per worker")
-    if ro.engine == "vllm" and ro.vllm_tensor_parallel_size > 1 and ro.num_gpus_per_worker < ro.vllm_tensor_parallel_size:
-        raise ConfigError("rollout.vllm_tensor_parallel_size", f"{ro.vllm_tensor_parallel_size} GPUs per engine, but "
-                          f"each rollout worker holds rollout.num_gpus_per_worker={ro.num_gpus_per_worker:g}")
-    if ro.vllm_max_model_len is not None and ro.vllm_max_model_len < cfg.data.max_prompt_len + ro.max_response_len:
-        raise ConfigError("rollout.vllm_max_model_len", f"{ro.vllm_max_model_len} tokens cannot hold a prompt of "
-                          f"data.max_prompt_len={cfg.data.max_prompt_len} plus rollout.max_response_len="
-                          f"{ro.max_response_len}")
+    if cfg.validation.every and not cfg.data.val_files:
+        raise ConfigError("data.val_files", f"validation.every={cfg.validation.every} validates on data.val_files, "
+                          "which is empty; name a question file or set validation.every=0")
     return cfg
 
 
@@ -576,7 +601,14 @@ def _check_known_keys(node: DictConfig, schema: type, prefix: str = "") -> None:
 
 
 def load_config(cfg: DictConfig | Config) -> Config:
-    """Composed DictConfig -> validated ``Config`` object (runs every ``__post_init__`` and ``validate``)."""
+    """Composed DictConfig -> validated ``Config`` object (runs every ``__post_init__`` and ``validate``).
+
+    Only the config itself is checked here; an entry point adds the checks of what it uses with
+    ``research_rl.config.preflight`` (``check_train``, ``check_evaluate``, ``check_submit``).
+
+    Raises:
+        ConfigError: an unknown key, a value out of its range, or a failed cross-field check (the key is named).
+    """
     if isinstance(cfg, DictConfig):
         _check_known_keys(cfg, Config)
         OmegaConf.resolve(cfg)
