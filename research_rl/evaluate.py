@@ -55,6 +55,7 @@ class Evaluator:
         from transformers import AutoTokenizer
 
         from research_rl.rollout.agent_loop import AgentLoop, SamplingParams
+        from research_rl.rollout.eos import eos_token_ids
         from research_rl.rollout.hf_engine import HFEngine
 
         self.cfg = cfg
@@ -77,11 +78,13 @@ class Evaluator:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = getattr(torch, cfg.model.dtype) if self.device == "cuda" else torch.float32
+        eos_ids = eos_token_ids(cfg.model.path, self.tokenizer, cfg.rollout.eos_ids_from)
         self.engine = HFEngine(cfg.model.path, self.tokenizer, cfg.rollout.max_batch_size, dtype=dtype,
-                               device=self.device)
+                               device=self.device, eos_ids=eos_ids)
         self.loop = AgentLoop(self.engine, self.search_fn or (lambda qs: [None] * len(qs)), self.tokenizer,
                               cfg.rollout.max_response_len, cfg.rollout.max_turns, mode=cfg.rollout.mode,
-                              max_batch_size=cfg.rollout.max_batch_size, batch_wait_s=cfg.rollout.batch_wait_ms / 1000)
+                              max_batch_size=cfg.rollout.max_batch_size, batch_wait_s=cfg.rollout.batch_wait_ms / 1000,
+                              eos_ids=eos_ids)
         self.sampling = SamplingParams(temperature=0.0, greedy=True, seed=cfg.eval.seed)
 
     def run_batch(self, questions: list, dataset: str) -> list[dict]:

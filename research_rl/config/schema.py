@@ -207,6 +207,9 @@ class RolloutConfig:
     max_response_len: int = 8192  # shared budget: generated + inserted result tokens
     max_turns: Optional[int] = None  # cap on searches per trajectory; None = unlimited (paper)
     max_batch_size: int = 64  # hf: trajectories per generate call; vllm: max_num_seqs (sequences per step)
+    # which ids end a response: every EOS id of the model's generation config (the reference rollout; Qwen2.5-Instruct:
+    # <|im_end|> and <|endoftext|>), or the tokenizer's eos_token alone (research_rl/rollout/eos.py)
+    eos_ids_from: str = "generation_config"
     batch_wait_ms: float = 0.0  # hf + async: how long a request may wait for others to join its generate call
     vllm_tensor_parallel_size: int = 1  # GPUs per vLLM engine
     vllm_gpu_memory_utilization: float = 0.5  # fraction of each GPU's memory vLLM takes (weights + KV cache)
@@ -218,6 +221,7 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         _one_of("rollout.engine", self.engine, ROLLOUT_ENGINES)
         _one_of("rollout.mode", self.mode, ROLLOUT_MODES)
+        _one_of("rollout.eos_ids_from", self.eos_ids_from, ("generation_config", "tokenizer"))
         if self.group_size < 2:
             raise ConfigError("rollout.group_size", f"got {self.group_size}; GRPO needs at least 2 rollouts per group")
         _positive("rollout.num_workers", self.num_workers)
@@ -306,12 +310,13 @@ class LearnerConfig:
 
 @dataclass
 class RewardConfig:
-    # research: the ReSearch rule reward; search_format: a shaped reward (1 for a well-formed search call) used
-    # to check that the pipeline learns
+    # research: the ReSearch rule reward on the response; research_reference: the authors' compute_score exactly
+    # (prompt + response, split on the assistant marker; docs/concepts.md#deviations-from-the-paper); search_format:
+    # a shaped reward (1 for a well-formed search call) used to check that the pipeline learns
     kind: str = "research"
 
     def __post_init__(self) -> None:
-        _one_of("reward.kind", self.kind, ("research", "search_format"))
+        _one_of("reward.kind", self.kind, ("research", "research_reference", "search_format"))
 
 
 @dataclass
