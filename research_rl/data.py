@@ -98,16 +98,19 @@ class PromptStream:
     """Epoch-wise shuffled stream of training questions with a resumable cursor.
 
     ``next_batch(n)`` returns n questions; an epoch's tail smaller than n is carried into the next epoch
-    (every question is used once per epoch). ``state_dict()`` captures (epoch, position), so a resumed run
-    draws exactly the prompts the uninterrupted run would have.
+    (every question is used once per epoch), or with ``drop_last`` skipped, as the reference's data loader does
+    (``drop_last=True``: every batch comes from one epoch, and the tail's questions are not trained on that
+    epoch). ``state_dict()`` captures (epoch, position), so a resumed run draws exactly the prompts the
+    uninterrupted run would have.
     """
 
-    def __init__(self, questions: list[Question], seed: int, shuffle: bool = True):
+    def __init__(self, questions: list[Question], seed: int, shuffle: bool = True, drop_last: bool = False):
         if not questions:
             raise ValueError("PromptStream needs at least one question")
         self.questions = questions
         self.seed = seed
         self.shuffle = shuffle
+        self.drop_last = drop_last
         self.epoch = 0
         self.position = 0
         self._order = self._epoch_order(0)
@@ -119,8 +122,17 @@ class PromptStream:
         return order
 
     def next_batch(self, n: int) -> list[Question]:
+        """The next ``n`` questions.
+
+        Raises:
+            ValueError: ``drop_last`` and fewer than ``n`` questions in all (no full batch exists).
+        """
+        if self.drop_last and n > len(self.questions):
+            raise ValueError(f"data.drop_last: a batch of {n} prompts cannot come from {len(self.questions)} questions")
         batch = []
         while len(batch) < n:
+            if self.drop_last and not batch and len(self._order) - self.position < n:
+                self.position = len(self._order)  # the tail is dropped
             if self.position >= len(self._order):
                 self.epoch += 1
                 self.position = 0
@@ -129,6 +141,11 @@ class PromptStream:
             batch.extend(self.questions[i] for i in self._order[self.position:self.position + take])
             self.position += take
         return batch
+
+    def steps_per_epoch(self, n: int) -> int:
+        """Batches of ``n`` per epoch: ``ceil(len / n)`` (the tail carries over), ``floor(len / n)`` with
+        ``drop_last``."""
+        return len(self.questions) // n if self.drop_last else -(-len(self.questions) // n)
 
     @property
     def epoch_float(self) -> float:

@@ -84,7 +84,7 @@ class Evaluator:
         self.loop = AgentLoop(self.engine, self.search_fn or (lambda qs: [None] * len(qs)), self.tokenizer,
                               cfg.rollout.max_response_len, cfg.rollout.max_turns, mode=cfg.rollout.mode,
                               max_batch_size=cfg.rollout.max_batch_size, batch_wait_s=cfg.rollout.batch_wait_ms / 1000,
-                              eos_ids=eos_ids)
+                              eos_ids=eos_ids, budget_includes_prompt=cfg.eval.budget_includes_prompt)
         self.sampling = SamplingParams(temperature=0.0, greedy=True, seed=cfg.eval.seed)
 
     def run_batch(self, questions: list, dataset: str) -> list[dict]:
@@ -114,7 +114,8 @@ class Evaluator:
                     for ids, finish in self._generate_plain([tok.encode(t, add_special_tokens=False) for t in texts])]
         rows = []
         for q, text, (response, searches, n_gen, n_inserted, finish), e in zip(questions, texts, outs, extra):
-            scores = score_example(response, q.golden_answers, tok.eos_token, method, searches, n_gen)
+            scores = score_example(response, q.golden_answers, tok.eos_token, method, searches, n_gen,
+                                   cfg.eval.over_length_prediction)
             rows.append({"id": q.id, "dataset": dataset, "question": q.question,
                          "golden_answers": list(q.golden_answers), **scores, "finish_reason": finish,
                          "result_tokens": n_inserted, **e, "prompt": text, "trajectory": response})
@@ -123,18 +124,19 @@ class Evaluator:
     def _generate_plain(self, prompts: list[list[int]]) -> list[tuple[list[int], str]]:
         """One answer per prompt, no retrieval: the engine stops at ``</search>`` too, so continue until EOS or the
         budget. Returns ``(generated ids, finish reason eos | length)``."""
-        budget = self.cfg.rollout.max_response_len
+        cfg = self.cfg
+        budgets = [cfg.rollout.max_response_len - (len(p) if cfg.eval.budget_includes_prompt else 0) for p in prompts]
         ids: list[list[int]] = [[] for _ in prompts]
-        finish = [""] * len(prompts)
-        active = list(range(len(prompts)))
+        finish = ["" if b > 0 else "length" for b in budgets]
+        active = [i for i in range(len(prompts)) if not finish[i]]
         while active:
-            outs = self.engine.generate([prompts[i] + ids[i] for i in active], [budget - len(ids[i]) for i in active],
-                                        self.sampling)
+            outs = self.engine.generate([prompts[i] + ids[i] for i in active],
+                                        [budgets[i] - len(ids[i]) for i in active], self.sampling)
             for i, out in zip(active, outs):
                 ids[i].extend(out.token_ids)
                 if out.finish == "eos":
                     finish[i] = "eos"
-                elif out.finish == "length" or len(ids[i]) >= budget:
+                elif out.finish == "length" or len(ids[i]) >= budgets[i]:
                     finish[i] = "length"
             active = [i for i in active if not finish[i]]
         return list(zip(ids, finish))

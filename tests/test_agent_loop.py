@@ -435,3 +435,21 @@ def test_hf_engine_stops_at_every_eos_id(debug_model_dir, tokenizer):
     engine = HFEngine(str(debug_model_dir), tokenizer, eos_ids=[tokenizer.eos_token_id, first.token_ids[0]])
     out = engine.generate([prompt], [8], SamplingParams(greedy=True))[0]
     assert (out.token_ids, out.finish) == (first.token_ids, "eos")
+
+
+def test_budget_includes_prompt(tokenizer, mode):
+    """The reference evaluation's budget counts prompt + response: a prompt of P tokens leaves budget - P; a prompt
+    that fills the budget gets an empty response finished as "length"."""
+    long_p = _prompt(tokenizer, "User: " + "word " * 30)
+    short_p = _prompt(tokenizer, "User: q")
+    budget = len(long_p) + 5
+    script = "<think> " + "a " * 40 + "</think>" + tokenizer.eos_token
+    engine = ScriptedEngine(tokenizer, {long_p: [script], short_p: [script]})
+    loop = AgentLoop(engine, lambda qs: [], tokenizer, budget, mode=mode, budget_includes_prompt=True)
+    t_long, t_short = loop.run([list(long_p), list(short_p)], SamplingParams())
+    assert len(t_long.response_ids) == 5 and t_long.finish_reason == "length"
+    assert t_short.finish_reason == "eos" and len(t_short.response_ids) < budget - len(short_p)  # room enough
+    engine = ScriptedEngine(tokenizer, {long_p: [script]})
+    loop = AgentLoop(engine, lambda qs: [], tokenizer, len(long_p), mode=mode, budget_includes_prompt=True)
+    (t,) = loop.run([list(long_p)], SamplingParams())
+    assert (t.response_ids, t.finish_reason, engine.calls) == ([], "length", [])

@@ -74,3 +74,22 @@ def test_prompt_stream_epochs_and_resume():
     b.load_state_dict(state)
     assert [q.id for q in a.next_batch(9)] == [q.id for q in b.next_batch(9)]
     assert a.epoch == b.epoch == 2 or a.epoch_float == b.epoch_float
+
+
+def test_prompt_stream_drop_last_skips_the_tail_as_the_reference_loader_does():
+    qs = load_questions(ROOT / "data/musique/dev.jsonl")[:10]
+    carry, drop = PromptStream(qs, seed=3), PromptStream(qs, seed=3, drop_last=True)
+    assert (carry.steps_per_epoch(4), drop.steps_per_epoch(4)) == (3, 2)
+    first = drop.next_batch(4) + drop.next_batch(4)
+    assert first == carry.next_batch(4) + carry.next_batch(4)  # same order within the epoch
+    tail = carry.next_batch(4)  # 2 from epoch 0, then 2 from epoch 1
+    assert carry.epoch == 1 and len({q.id for q in tail}) == 4
+    nxt = drop.next_batch(4)  # epoch 0's last 2 are dropped: the batch is epoch 1's first 4
+    assert drop.epoch == 1 and drop.position == 4
+    assert nxt == [qs[i] for i in drop._epoch_order(1)[:4]]
+    state = drop.state_dict()
+    again = PromptStream(qs, seed=3, drop_last=True)
+    again.load_state_dict(state)
+    assert again.next_batch(4) == drop.next_batch(4)
+    with pytest.raises(ValueError, match="drop_last"):
+        PromptStream(qs, seed=3, drop_last=True).next_batch(11)

@@ -325,3 +325,17 @@ def test_trainer_validation_uses_the_evaluator_and_tracks_the_best(tokenizer, tm
     trainer.cfg = compose_config(["experiment=debug_cpu", "validation.best_metric=val/bamboogle/em"])
     with pytest.raises(ConfigError, match="validation.best_metric"):  # caught at setup, before Ray starts
         trainer._check_best_metric({"hotpotqa", "musique"})
+
+
+def test_over_length_prediction_empty_is_the_reference_rule():
+    """A response cut by the budget (no EOS) still yields its boxed answer by default; the reference predicts ""."""
+    cut = "<think> t </think> <answer> \\boxed{Paris} </answer> and more"
+    s = ev.score_example(cut, ["Paris"], EOS)
+    assert (s["prediction"], s["em"]) == ("Paris", 1.0)
+    s = ev.score_example(cut, ["Paris"], EOS, over_length_prediction="empty")
+    assert (s["prediction"], s["em"], s["f1"]) == ("", 0.0, 0.0)
+    done = cut + EOS
+    assert ev.score_example(done, ["Paris"], EOS, over_length_prediction="empty")["prediction"] == "Paris"
+    assert ev.score_example("Paris", ["Paris"], EOS, "naive_generation", over_length_prediction="empty")["em"] == 0.0
+    with pytest.raises(ValueError, match="over_length_prediction"):
+        ev.score_example(done, ["Paris"], EOS, over_length_prediction="drop")

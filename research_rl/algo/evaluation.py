@@ -139,7 +139,7 @@ def sample_questions(questions: list, limit: int | None, seed: int) -> list:
 # ------------------------------------------------------------------------------------------------ scoring
 
 def score_example(response: str, golden_answers: Sequence[str], eos_token: str, method: str = "research",
-                  searches: int = 0, response_len: int = 0) -> dict:
+                  searches: int = 0, response_len: int = 0, over_length_prediction: str = "extract") -> dict:
     """Score one trajectory.
 
     Args:
@@ -149,11 +149,13 @@ def score_example(response: str, golden_answers: Sequence[str], eos_token: str, 
         method: ``research`` (answer = last ``\\boxed{}`` in ``<answer>``) or a baseline (answer = the whole text).
         searches: search calls made (retrievals for naive RAG).
         response_len: model tokens generated (loss-mask sum).
+        over_length_prediction: for a response that does not end with ``eos_token``: ``extract`` scores what can be
+            read from it; ``empty`` predicts ``""`` (the reference evaluation).
     Returns:
         ``{"prediction", "em", "f1", "cover_em", "format_fail", "format_fail_reason", "searches", "response_len"}``;
         em/f1/cover_em are floats in [0, 1], format_fail is 0.0 or 1.0 (the reason is None when 0).
     Raises:
-        ValueError: unknown method or empty eos_token.
+        ValueError: unknown method or ``over_length_prediction``, or an empty eos_token.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
@@ -167,6 +169,10 @@ def score_example(response: str, golden_answers: Sequence[str], eos_token: str, 
     else:
         fail = None if response.endswith(eos_token) else "over length"
         prediction = response.removesuffix(eos_token).strip()
+    if over_length_prediction not in ("extract", "empty"):
+        raise ValueError(f"over_length_prediction={over_length_prediction!r}: expected extract or empty")
+    if over_length_prediction == "empty" and not response.endswith(eos_token):
+        prediction = ""
     return {
         "prediction": prediction,
         "em": exact_match(prediction, golds),

@@ -140,6 +140,9 @@ class DataConfig:
     corpus_path: str = "data/corpus/corpus.jsonl"
     max_prompt_len: int = 512  # tokens; longer prompts are dropped, as in the paper
     shuffle: bool = True
+    # an epoch's last batch smaller than trainer.prompts_per_step: carried into the next epoch (false: every
+    # question once per epoch), or dropped as the reference's data loader does (true)
+    drop_last: bool = False
 
     def __post_init__(self) -> None:
         if not self.train_files:
@@ -502,10 +505,15 @@ class EvalConfig:
     batch_size: int = 32  # questions per agent-loop call
     output_dir: str = "outputs/eval/${experiment_name}/${eval.method}"
     model_size: Optional[str] = None  # which Table 2 row to compare with, e.g. 7b; null = read from model.path
+    # the reference evaluation's rules (docs/concepts.md#deviations-from-the-paper): rollout.max_response_len counts
+    # the prompt too, and a response that did not end with EOS predicts "" instead of its extracted answer
+    budget_includes_prompt: bool = False
+    over_length_prediction: str = "extract"  # extract: the answer if one can be read; empty: "" (the reference)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
     def __post_init__(self) -> None:
         _one_of("eval.method", self.method, EVAL_METHODS)
+        _one_of("eval.over_length_prediction", self.over_length_prediction, ("extract", "empty"))
         if not self.files and not self.datasets:
             raise ConfigError("eval.datasets", "needs at least one dataset name (or question files in eval.files)")
         for name in self.datasets:

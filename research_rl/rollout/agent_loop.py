@@ -293,6 +293,10 @@ class AgentLoop:
             ``search_fn`` in a thread.
         max_batch_size: ``async`` mode with a batched engine: requests per ``generate`` call (``AsyncBatcher``).
         batch_wait_s: ``async`` mode with a batched engine: ``AsyncBatcher.max_wait_s``, in seconds.
+        eos_ids: the ids that end a response (``research_rl.rollout.eos``; default the tokenizer's ``eos_token_id``);
+            the engine must stop on the same set.
+        budget_includes_prompt: ``max_response_len`` counts the prompt too (the reference evaluation's budget); a
+            prompt that fills it gets an empty response with ``finish_reason="length"``.
     Raises:
         ValueError: an unknown ``mode`` (from the constructor).
         RuntimeError (from ``run``): the search function raised or returned the wrong number of results (a bug,
@@ -301,7 +305,8 @@ class AgentLoop:
 
     def __init__(self, engine, search_fn: SearchFn, tokenizer, max_response_len: int,
                  max_turns: int | None = None, mode: str = "async", async_search_fn: AsyncSearchFn | None = None,
-                 max_batch_size: int = 64, batch_wait_s: float = 0.0, eos_ids: Sequence[int] | None = None):
+                 max_batch_size: int = 64, batch_wait_s: float = 0.0, eos_ids: Sequence[int] | None = None,
+                 budget_includes_prompt: bool = False):
         if mode not in MODES:
             raise ValueError(f"rollout.mode: got {mode!r}, expected one of {list(MODES)}")
         self.engine = engine
@@ -309,6 +314,7 @@ class AgentLoop:
         self.async_search_fn = async_search_fn
         self.tokenizer = tokenizer
         self.max_response_len = max_response_len
+        self.budget_includes_prompt = budget_includes_prompt
         self.max_turns = max_turns
         self.mode = mode
         self.max_batch_size = max_batch_size
@@ -325,6 +331,19 @@ class AgentLoop:
         return asyncio.run(self.run_async(prompts, sampling))
 
     # ---------------------------------------------------------------- the steps both schedules share
+    def _budget(self, t: Trajectory) -> int:
+        """The trajectory's response budget: ``max_response_len``, less its prompt with ``budget_includes_prompt``
+        (the reference evaluation's 8,192 tokens count prompt and response)."""
+        return self.max_response_len - (len(t.prompt_ids) if self.budget_includes_prompt else 0)
+
+    def _new(self, prompts: Sequence[Sequence[int]]) -> list[Trajectory]:
+        """Empty trajectories; one whose prompt leaves no budget is finished at once (``length``)."""
+        trajs = [Trajectory(prompt_ids=list(p)) for p in prompts]
+        for t in trajs:
+            if self._budget(t) <= 0:
+                t.finish_reason = "length"
+        return trajs
+
     def _take_generation(self, t: Trajectory, out: GenerationOutput) -> str | None:
         """Append one engine continuation. Returns the query when the trajectory now waits for a result
         (``""`` for an empty query), ``None`` when it finished or simply continues."""
@@ -332,7 +351,7 @@ class AgentLoop:
         t.loss_mask.extend([1] * len(out.token_ids))
         if out.finish == "eos":
             t.finish_reason = "eos"
-        elif len(t.response_ids) >= self.max_response_len:
+        elif len(t.response_ids) >= self._budget(t):
             t.finish_reason = "length"
         elif out.finish == "search":
             if self.max_turns is not None and t.num_searches >= self.max_turns:
@@ -354,7 +373,7 @@ class AgentLoop:
             t.failed_searches += 1
         obs = format_observation(passages)
         ids = self.tokenizer.encode(obs, add_special_tokens=False, split_special_tokens=True)
-        room = self.max_response_len - len(t.response_ids)
+        room = self._budget(t) - len(t.response_ids)
         t.response_ids.extend(ids[:room])
         t.loss_mask.extend([0] * min(len(ids), room))
         if len(ids) >= room:
@@ -362,7 +381,7 @@ class AgentLoop:
 
     def _request(self, i: int, t: Trajectory, sampling: SamplingParams) -> tuple[list[int], int, SamplingParams]:
         seed = request_seed(sampling.seed, i, len(t.response_ids))
-        return (t.prompt_ids + t.response_ids, self.max_response_len - len(t.response_ids),
+        return (t.prompt_ids + t.response_ids, self._budget(t) - len(t.response_ids),
                 dataclasses.replace(sampling, seed=seed))
 
     def _finish(self, trajs: list[Trajectory]) -> list[Trajectory]:
@@ -373,8 +392,8 @@ class AgentLoop:
     # ---------------------------------------------------------------- turn_sync
     def run_turn_sync(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[Trajectory]:
         """Turn by turn: every active trajectory in one ``generate`` call, the turn's queries in one search call."""
-        trajs = [Trajectory(prompt_ids=list(p)) for p in prompts]
-        active = list(range(len(trajs)))
+        trajs = self._new(prompts)
+        active = [i for i, t in enumerate(trajs) if not t.finish_reason]
         while active:
             requests = [self._request(i, trajs[i], sampling) for i in active]
             outputs = self.engine.generate([r[0] for r in requests], [r[1] for r in requests], sampling,
@@ -406,7 +425,7 @@ class AgentLoop:
     # ---------------------------------------------------------------- async
     async def run_async(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[Trajectory]:
         """One coroutine per trajectory; the engine batches the in-flight requests (module docstring)."""
-        trajs = [Trajectory(prompt_ids=list(p)) for p in prompts]
+        trajs = self._new(prompts)
         batcher = None
         if hasattr(self.engine, "generate_one"):
             generate_one = self.engine.generate_one
