@@ -21,8 +21,9 @@ the policy's own log-probs, detached: the policy at loss time is the one that pr
 is 1 with gradient ∇log π_θ, what a recomputed ``old_log_probs`` would give, without that forward pass (TRL's
 ``GRPOTrainer`` with ``num_iterations=1`` does the same). With more steps, ``old_log_probs`` are computed once
 before the first step and every mini-batch's ratio is clipped against them (PPO, arXiv 1707.06347 §3; verl's
-``ppo_epochs`` / ``ppo_mini_batch_size``). Mini-batches are contiguous rows of each rank's shard in batch order,
-the same in every epoch (no shuffling; a deliberate choice that keeps updates reproducible).
+``ppo_epochs`` / ``ppo_mini_batch_size``). Mini-batch ``j`` of ``S`` is every ``S``-th trajectory of the batch from ``j``
+(``Learner._mini_batches``), the same in every epoch: no random shuffling, so updates are reproducible and equal
+at any world size, and each mini-batch still spans the batch's prompts.
 """
 
 from __future__ import annotations
@@ -183,17 +184,22 @@ class Learner:
         return metrics
 
     def _mini_batches(self, n: int) -> list[range]:
-        """Row ranges of this rank's ``n``-row shard, one per optimizer step, over all epochs."""
+        """Row sets of this rank's ``n``-row shard, one per optimizer step, over all epochs.
+
+        With ``S`` mini-batches per epoch, mini-batch ``j`` is every ``S``-th row from row ``j``. Since each rank's
+        shard is ``S`` × (``ppo_mini_batch_size`` / world size) contiguous rows of the batch, this is every
+        ``S``-th trajectory of the whole batch on every rank together: the same trajectories at any world size
+        (so 2 ranks × half batch still equal 1 rank × full batch), and each mini-batch spans the batch's prompts.
+        """
         if self.algo.ppo_mini_batch_size == 0:
-            per_epoch = [range(n)]
-        else:
-            size, rest = divmod(self.algo.ppo_mini_batch_size, self.world_size)
-            if rest or size == 0 or n % size:
-                raise ValueError(
-                    f"algo.ppo_mini_batch_size={self.algo.ppo_mini_batch_size} trajectories over {self.world_size} "
-                    f"learner ranks is not a whole number of mini-batches of this rank's {n} trajectories")
-            per_epoch = [range(i, i + size) for i in range(0, n, size)]
-        return per_epoch * self.algo.ppo_epochs
+            return [range(n)] * self.algo.ppo_epochs
+        per_rank, rest = divmod(self.algo.ppo_mini_batch_size, self.world_size)
+        if rest or per_rank == 0 or n % per_rank:
+            raise ValueError(
+                f"algo.ppo_mini_batch_size={self.algo.ppo_mini_batch_size} trajectories over {self.world_size} "
+                f"learner ranks is not a whole number of mini-batches of this rank's {n} trajectories")
+        count = n // per_rank
+        return [range(j, n, count) for j in range(count)] * self.algo.ppo_epochs
 
     def update(self, exp: Experience | None = None) -> dict[str, float]:
         """GRPO optimizer steps over this rank's shard ``exp``, or over the one ``compute_ref_log_probs(keep=True)``
