@@ -32,7 +32,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def learner(debug_model_dir):
     torch.manual_seed(0)
-    lr = Learner(LearnerConfig(lr=1e-3, micro_batch_size=4, weight_decay=0.0), AlgoConfig(kl_coef=0.0, entropy_coef=0.0))
+    lr = Learner(LearnerConfig(lr=1e-3, micro_batch_size=4, weight_decay=0.0),
+                 AlgoConfig(kl_coef=0.0, entropy_coef=0.0))
     lr.init_process_group("127.0.0.1", _free_port())
     yield lr
     lr.shutdown()
@@ -319,3 +320,15 @@ def test_no_import_cycles_in_the_learner_and_the_roles():
                 todo += graph[m]
     for backend in ("fsdp2", "deepspeed_backend"):
         assert not graph[f"research_rl.learner.{backend}"] & {"research_rl.learner.core", "research_rl.learner.backend"}
+
+
+def test_only_the_deepspeed_backend_imports_deepspeed():
+    import subprocess
+    import sys
+
+    modules = ["research_rl.learner.core", "research_rl.learner.fsdp2", "research_rl.learner.reference",
+               "research_rl.roles.learner_worker", "research_rl.roles.reference_worker"]
+    code = "import sys\n" + "".join(f"import {m}\n" for m in modules) + "print('deepspeed' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -245,7 +245,13 @@ class RolloutConfig:
 
 @dataclass
 class AlgoConfig:
-    """GRPO hyperparameters with the paper's symbols (ReSearch §2.2, DeepSeekMath GRPO)."""
+    """GRPO hyperparameters with the paper's symbols (ReSearch §2.2, DeepSeekMath GRPO).
+
+    Each batch gets ``ppo_epochs`` × (trajectories / ``ppo_mini_batch_size``) optimizer steps; the defaults take one,
+    as the paper does, and the ratio is then 1. With more, each step is clipped against the log-probs recorded
+    before the first (docs/learner.md). ``ppo_mini_batch_size`` must divide ``trainer.prompts_per_step`` ×
+    ``rollout.group_size`` and be a multiple of ``learner.num_workers``.
+    """
 
     clip_eps: float = 0.2  # PPO ε: the ratio π_θ/π_θold is clipped to [1-ε, 1+ε]
     kl_coef: float = 0.001  # β of the KL term to the reference policy

@@ -21,9 +21,9 @@ the policy's own log-probs, detached: the policy at loss time is the one that pr
 is 1 with gradient ∇log π_θ, what a recomputed ``old_log_probs`` would give, without that forward pass (TRL's
 ``GRPOTrainer`` with ``num_iterations=1`` does the same). With more steps, ``old_log_probs`` are computed once
 before the first step and every mini-batch's ratio is clipped against them (PPO, arXiv 1707.06347 §3; verl's
-``ppo_epochs`` / ``ppo_mini_batch_size``). Mini-batch ``j`` of ``S`` is every ``S``-th trajectory of the batch from ``j``
-(``Learner._mini_batches``), the same in every epoch: no random shuffling, so updates are reproducible and equal
-at any world size, and each mini-batch still spans the batch's prompts.
+``ppo_epochs`` / ``ppo_mini_batch_size``). Mini-batch ``j`` of ``S`` is every ``S``-th trajectory of the batch
+from ``j`` (``Learner._mini_batches``), the same in every epoch: no random shuffling, so updates are reproducible
+and equal at any world size, and each mini-batch still spans the batch's prompts.
 """
 
 from __future__ import annotations
