@@ -66,21 +66,22 @@ def build_model(preset: str, out: Path) -> dict:
             "layers": config.num_hidden_layers, "hidden": config.hidden_size}
 
 
-def _batch(seqs: int, seq_len: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
+def _batch(seqs: int, seq_len: int, vocab: int, seed: int):
+    from research_rl.algo.experience import Experience
+
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (seqs, seq_len), generator=g)
     mask = torch.ones_like(ids)
-    return {"input_ids": ids, "attention_mask": mask, "loss_mask": mask.clone(),
-            "advantages": torch.randn(seqs, generator=g),
-            "old_log_probs": -torch.rand(seqs, seq_len - 1, generator=g) * 5,
-            "ref_log_probs": -torch.rand(seqs, seq_len - 1, generator=g) * 5}
+    return Experience(ids, mask, mask.clone(), advantages=torch.randn(seqs, generator=g),
+                      old_log_probs=-torch.rand(seqs, seq_len - 1, generator=g) * 5,
+                      ref_log_probs=-torch.rand(seqs, seq_len - 1, generator=g) * 5)
 
 
 def _rank(rank: int, world: int, port: int, args: dict, model_dir: str, out: str) -> None:
     import torch.distributed as dist
 
     from research_rl.config.schema import AlgoConfig, LearnerConfig
-    from research_rl.learner.core import learner_class
+    from research_rl.learner.core import Learner
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -91,9 +92,8 @@ def _rank(rank: int, world: int, port: int, args: dict, model_dir: str, out: str
     cfg = LearnerConfig(backend=args["backend"], zero_stage=args["zero_stage"], lr=1e-6,
                         micro_batch_size=args["micro_batch_size"],
                         max_tokens_per_micro_batch=args["max_tokens_per_micro_batch"])
-    learner = learner_class(cfg.backend)(cfg, AlgoConfig(), rank, world, device="cuda" if cuda else "cpu",
-                                         param_dtype=getattr(torch, args["dtype"]),
-                                         gradient_checkpointing=args["gradient_checkpointing"])
+    learner = Learner(cfg, AlgoConfig(), rank, world, device="cuda" if cuda else "cpu",
+                      param_dtype=getattr(torch, args["dtype"]), gradient_checkpointing=args["gradient_checkpointing"])
     try:
         learner.init_process_group("127.0.0.1", port)
         learner.load_policy(model_dir)

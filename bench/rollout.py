@@ -55,9 +55,9 @@ def warm_up(model_dir: str, out_dir: Path, client, args) -> None:
     t0 = time.time()
     for step in range(args.warmup_steps):
         batch = collate(rng.sample(examples, 8), tok.pad_token_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
-        mask = batch["loss_mask"][:, 1:].float()
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.input_ids[:, 1:], reduction="none")
+        mask = batch.loss_mask[:, 1:].float()
         loss = (nll * mask).sum() / mask.sum()
         opt.zero_grad()
         loss.backward()

@@ -267,6 +267,31 @@ def test_grpo_loss_clip_frac_and_approx_kl_hand_computed():
     assert out.loss.item() == pytest.approx(-0.6)
 
 
+def test_grpo_loss_kl_clamp_binds_hand_computed():
+    # two tokens, ratio 1 (pg = -A = 0 with A = 0); ref - logp = 3 on token 0 and 1 on token 1
+    logp = torch.tensor([[-4.0, -2.0]], requires_grad=True)
+    ref = torch.tensor([[-1.0, -1.0]])
+    zero = torch.zeros(1, 2)
+    mask = torch.ones(1, 2)
+    # k3(3) = e^3 - 3 - 1 = 16.085537; k3(1) = e - 1 - 1 = 0.718282
+    default = grpo_loss(logp, logp.detach(), ref, zero, mask, None, clip_eps=0.2, kl_coef=1.0, entropy_coef=0.0)
+    # default clamp 10: (10 + 0.718282) / 2 = 5.359141
+    assert default.kl.item() == pytest.approx(5.359141, abs=1e-5)
+    out = grpo_loss(logp, logp.detach(), ref, zero, mask, None, clip_eps=0.2, kl_coef=1.0, entropy_coef=0.0,
+                    kl_clamp=5.0)
+    # clamp 5: (5 + 0.718282) / 2 = 2.859141; the loss is kl_coef * kl
+    assert out.kl.item() == pytest.approx(2.859141, abs=1e-5)
+    assert out.loss.item() == pytest.approx(2.859141, abs=1e-5)
+    # a clamped token gets no KL gradient; token 1: d/dlogp (e^(ref-logp) - (ref-logp) - 1) / 2
+    # = (-e^1 + 1) / 2 = -0.859141
+    out.loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -0.859141]]), atol=1e-5, rtol=0)
+    unclamped = grpo_loss(logp, logp.detach(), ref, zero, mask, None, clip_eps=0.2, kl_coef=1.0, entropy_coef=0.0,
+                          kl_clamp=20.0)
+    # clamp 20 does not bind: (16.085537 + 0.718282) / 2 = 8.401909
+    assert unclamped.kl.item() == pytest.approx(8.401909, abs=1e-5)
+
+
 def test_grpo_loss_only_loss_carries_a_graph():
     logp = torch.zeros(2, 3, requires_grad=True)
     ent = torch.ones(2, 3, requires_grad=True)

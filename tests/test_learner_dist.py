@@ -8,7 +8,12 @@ parameters as the reference variant (1 rank, FSDP2, fixed micro-batches of 4):
 - micro-batches of 1 (4 accumulations per 4 rows) = micro-batches of 4;
 - token-budget micro-batches (here the two ranks get different numbers of micro-batches, so one of them runs a
   zero-weighted padding pass) = fixed micro-batches;
-- FSDP2 = DeepSpeed ZeRO-2 = ZeRO-3; parameter/optimizer CPU offload and an offloaded reference change nothing.
+- FSDP2 = DeepSpeed ZeRO-2 = ZeRO-3; parameter/optimizer CPU offload and an offloaded reference change nothing;
+- a ``ReferencePolicy`` of its own (what a separate reference group holds) gives the colocated reference's log-probs.
+
+The PPO variants (2 mini-batches × 2 epochs: four optimizer steps clipped against the log-probs recorded before
+the first) are compared with their own 1-rank FSDP2 run the same way: 2 ranks × half batch = 1 rank, and ZeRO-3
+with a token budget = FSDP2, since every mini-batch holds the same trajectories at any world size.
 
 Tolerances (float32 on CPU; only the summation order differs between variants): log-probs on scored positions
 within 1e-5; loss, KL, entropy and gradient norm within 1e-4 relative; parameters after one AdamW step (lr 1e-3)
@@ -31,6 +36,8 @@ pytestmark = [pytest.mark.unit, pytest.mark.timeout(900)]
 LENGTHS = [40, 12, 33, 20, 40, 10, 12, 8]  # attended tokens per row; rows 0-3 go to rank 0, rows 4-7 to rank 1
 PROMPT = 6
 BASE = "fsdp2_mb4"
+PPO_BASE = "fsdp2_ppo"
+PPO = dict(ppo_mini_batch_size=4, ppo_epochs=2)  # 8 trajectories: 2 mini-batches × 2 epochs = 4 optimizer steps
 CHECKPOINTED = ("fsdp2_mb4", "zero2_mb4", "zero3_tokens64")  # saved at 2 ranks; resumed; exported
 # name -> learner settings; every variant runs at world sizes 1 and 2
 VARIANTS = {
@@ -45,10 +52,14 @@ VARIANTS = {
     "zero3_mb1": dict(backend="deepspeed", zero_stage=3, micro_batch_size=1),
     "zero3_tokens64": dict(backend="deepspeed", zero_stage=3, micro_batch_size=4, max_tokens_per_micro_batch=64,
                            ref_offload=True),
+    "fsdp2_ppo": dict(backend="fsdp2", micro_batch_size=2, algo=PPO),
+    "zero3_ppo": dict(backend="deepspeed", zero_stage=3, micro_batch_size=4, max_tokens_per_micro_batch=64, algo=PPO),
 }
 
 
-def _batch() -> dict[str, torch.Tensor]:
+def _batch():
+    from research_rl.algo.experience import Experience
+
     g = torch.Generator().manual_seed(0)
     n, width = len(LENGTHS), max(LENGTHS)
     ids = torch.randint(10, 2000, (n, width), generator=g)
@@ -57,18 +68,18 @@ def _batch() -> dict[str, torch.Tensor]:
         attn[i, :length] = 1
     mask = attn.clone()
     mask[:, :PROMPT] = 0
-    return {"input_ids": ids * attn, "attention_mask": attn, "loss_mask": mask,
-            "advantages": torch.tensor([1.0, -0.5, 0.8, -1.2, 0.3, 1.5, -0.7, -1.0])}
+    return Experience(ids * attn, attn, mask, advantages=torch.tensor([1.0, -0.5, 0.8, -1.2, 0.3, 1.5, -0.7, -1.0]))
 
 
 def _learner(name: str, rank: int, world: int, port: int, model_dir: str):
     from research_rl.config.schema import AlgoConfig, LearnerConfig
-    from research_rl.learner.core import learner_class
+    from research_rl.learner.core import Learner
 
     settings = dict(VARIANTS[name])
     ref_offload = settings.pop("ref_offload", False)
+    algo = AlgoConfig(kl_coef=0.05, entropy_coef=0.01, **settings.pop("algo", {}))
     cfg = LearnerConfig(lr=1e-3, weight_decay=0.01, grad_clip=1.0, **settings)
-    learner = learner_class(cfg.backend)(cfg, AlgoConfig(kl_coef=0.05, entropy_coef=0.01), rank, world)
+    learner = Learner(cfg, algo, rank, world)
     learner.init_process_group("127.0.0.1", port)  # joins once; later learners reuse the group
     learner.load_policy(model_dir)
     return learner, ref_offload
@@ -79,20 +90,29 @@ def _worker(rank: int, world: int, port: int, model_dir: str, root: str) -> None
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
+    from research_rl.learner.reference import ReferencePolicy
+
     torch.set_num_threads(1)
     out = Path(root) / f"world{world}"
-    shard = {k: v.chunk(world)[rank] for k, v in _batch().items()}
+    shard = _batch().shard(world)[rank]
     try:
         for name in VARIANTS:
             learner, ref_offload = _learner(name, rank, world, port, model_dir)
             learner.load_reference(model_dir, offload=ref_offload)
-            batch = dict(shard)
-            batch.update(learner.compute_log_probs(batch))
+            logp = {"old_log_probs": learner.compute_log_probs(shard),
+                    "ref_log_probs": learner.compute_ref_log_probs(shard)}
+            if name == BASE:  # the reference policy on its own, as a separate reference group holds it
+                separate = ReferencePolicy(learner.cfg, rank, world)
+                separate.load(model_dir)
+                logp["separate_ref_log_probs"] = separate.compute_log_probs(shard)
+            batch = shard.replace(ref_log_probs=logp["ref_log_probs"])
+            if "algo" not in VARIANTS[name]:  # one step: recorded old log-probs equal the detached current ones
+                batch = batch.replace(old_log_probs=logp["old_log_probs"])
             metrics = learner.update(batch)
             params = learner.full_state_dict()
             if rank == 0:
                 torch.save({"params": params, "metrics": metrics}, out / f"{name}.pt")
-            torch.save({k: batch[k] for k in ("old_log_probs", "ref_log_probs")}, out / f"{name}.logp{rank}.pt")
+            torch.save(logp, out / f"{name}.logp{rank}.pt")
             ckpt = Path(root) / "ckpt" / name
             if world == 2 and name in CHECKPOINTED:
                 # save after one update, take a second; a fresh learner restored from the checkpoint must take
@@ -152,19 +172,24 @@ def results(debug_model_dir, tmp_path_factory):
     return out
 
 
-CASES = [(world, name) for world in (1, 2) for name in VARIANTS if (world, name) != (1, BASE)]
+def _baseline(name: str) -> str:
+    return PPO_BASE if "algo" in VARIANTS[name] else BASE
+
+
+CASES = [(world, name) for world in (1, 2) for name in VARIANTS if (world, name) != (1, _baseline(name))]
 
 
 @pytest.mark.parametrize("world,name", CASES, ids=[f"{w}rank-{n}" for w, n in CASES])
 def test_update_matches_one_rank_fsdp2_fixed_micro_batches(results, world, name):
     """Same parameters (1e-5 abs = 1% of lr), log-probs on scored positions (1e-5 abs), loss terms and gradient norm
-    (1e-4 rel) as the reference."""
-    base, got = results[(1, BASE)], results[(world, name)]
-    scored = _batch()["loss_mask"][:, 1:]  # positions past a row's end depend on its micro-batch's width
+    (1e-4 rel) as the reference (``BASE``, or ``PPO_BASE`` for the PPO variants)."""
+    base, got = results[(1, _baseline(name))], results[(world, name)]
+    scored = _batch().loss_mask[:, 1:]  # positions past a row's end depend on its micro-batch's width
     for key in ("old_log_probs", "ref_log_probs"):
         torch.testing.assert_close(got["log_probs"][key] * scored, base["log_probs"][key] * scored, rtol=0, atol=1e-5,
                                    msg=key)
-    for key in ("actor/loss", "actor/pg_loss", "actor/kl", "actor/entropy", "actor/grad_norm", "actor/num_tokens"):
+    for key in ("actor/loss", "actor/pg_loss", "actor/kl", "actor/entropy", "actor/grad_norm", "actor/num_tokens",
+                "actor/optimizer_steps"):
         assert got["metrics"][key] == pytest.approx(base["metrics"][key], rel=1e-4, abs=1e-7), key
     assert got["metrics"]["actor/skipped_step"] == 0
     assert sorted(got["params"]) == sorted(base["params"])
@@ -182,9 +207,25 @@ def test_the_update_moves_parameters_by_about_lr(results, debug_model_dir):
     assert max(float((after[k] - initial[k]).abs().max()) for k in after) > 5e-4
 
 
+def test_ppo_variants_take_four_clipped_steps(results):
+    """2 mini-batches × 2 epochs: four optimizer steps whose ratios leave the clip range (the clip binds), against
+    one step with ratio 1 (clip fraction 0) in the one-step variants."""
+    for world in (1, 2):
+        for name in ("fsdp2_ppo", "zero3_ppo"):
+            metrics = results[(world, name)]["metrics"]
+            assert metrics["actor/optimizer_steps"] == 4 and metrics["actor/clip_frac"] > 0, (world, name, metrics)
+        assert results[(world, "fsdp2_mb4")]["metrics"]["actor/clip_frac"] == 0
+
+
+def test_a_reference_policy_of_its_own_gives_the_colocated_log_probs(results):
+    for world in (1, 2):
+        logp = results[(world, BASE)]["log_probs"]
+        assert torch.equal(logp["separate_ref_log_probs"], logp["ref_log_probs"]), world
+
+
 def test_token_budget_packs_unequal_micro_batch_counts_per_rank(results):
     """The budget-64 variants ran 3 micro-batches on rank 0 and 2 (+ 1 zero-weighted padding pass) on rank 1."""
-    from research_rl.learner.core import plan_micro_batches
+    from research_rl.learner.passes import plan_micro_batches
 
     assert plan_micro_batches(LENGTHS[:4], 4, 64) == [[0], [2], [3, 1]]
     assert plan_micro_batches(LENGTHS[4:], 4, 64) == [[0], [2, 1, 3]]
@@ -228,7 +269,7 @@ def test_export_writes_an_hf_model_with_identical_logits(results, name, tmp_path
     state = exported.state_dict()
     for key, value in after_first.items():
         assert torch.equal(state[key], value), key
-    ids = _batch()["input_ids"][:2]
+    ids = _batch().input_ids[:2]
     with torch.no_grad():
         assert torch.equal(exported(input_ids=ids).logits, direct(input_ids=ids).logits)
     assert (out / "tokenizer_config.json").is_file()

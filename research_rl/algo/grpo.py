@@ -16,7 +16,7 @@ Choices made here, each matching the reference implementation (verl, ``verl/trai
   ``compute_grpo_outcome_advantage``; a group whose rewards are all equal gets advantage 0 on every trajectory.
 - The KL to the frozen reference policy is a term in the loss (not a penalty folded into the reward), estimated per
   token with the k3 estimator ``exp(ref - logp) - (ref - logp) - 1`` (Schulman, "Approximating KL Divergence", 2020),
-  which is what DeepSeekMath eq. (4) uses; verl calls it ``low_var_kl`` and clamps it to ±10.
+  which is what DeepSeekMath eq. (4) uses; verl calls it ``low_var_kl`` and clamps it to ±10 (``algo.kl_clamp``).
 
 Deliberate deviations from the paper's formula, following the reference (verl) training configuration:
 
@@ -332,6 +332,7 @@ def grpo_loss(
     kl_coef: float,
     entropy_coef: float,
     num_tokens: float | Tensor | None = None,
+    kl_clamp: float = 10.0,
 ) -> GRPOLossOutput:
     """The GRPO loss of one (micro-)batch.
 
@@ -349,6 +350,8 @@ def grpo_loss(
         clip_eps: PPO ε (paper: 0.2). kl_coef: β (paper: 0.001). entropy_coef: entropy bonus (reference: 0.001).
         num_tokens: token-mean denominator; None = this batch's own token count. Pass the mini-batch's global count
             for gradient accumulation.
+        kl_clamp: bound on the per-token KL estimate (``low_var_kl``'s ``clamp``; verl and the default use 10), so
+            one far-off token cannot dominate the KL term; a clamped token gets no KL gradient.
 
     Returns:
         ``GRPOLossOutput``.
@@ -380,7 +383,7 @@ def grpo_loss(
     zero = log_probs.new_zeros(())
     kl = zero
     if ref_log_probs is not None:
-        kl = token_mean(low_var_kl(log_probs, ref_log_probs), loss_mask, num_tokens)
+        kl = token_mean(low_var_kl(log_probs, ref_log_probs, clamp=kl_clamp), loss_mask, num_tokens)
         if kl_coef != 0:
             loss = loss + kl_coef * kl
 

@@ -248,13 +248,21 @@ class RolloutConfig:
 
 @dataclass
 class AlgoConfig:
-    """GRPO hyperparameters with the paper's symbols (ReSearch §2.2, DeepSeekMath GRPO)."""
+    """GRPO hyperparameters with the paper's symbols (ReSearch §2.2, DeepSeekMath GRPO).
 
-    clip_eps: float = 0.2
-    kl_coef: float = 0.001
-    kl_clamp: float = 10.0
-    entropy_coef: float = 0.001
-    adv_eps: float = 1e-6
+    Each batch gets ``ppo_epochs`` × (trajectories / ``ppo_mini_batch_size``) optimizer steps; the defaults take one,
+    as the paper does, and the ratio is then 1. With more, each step is clipped against the log-probs recorded
+    before the first (docs/learner.md). ``ppo_mini_batch_size`` must divide ``trainer.prompts_per_step`` ×
+    ``rollout.group_size`` and be a multiple of ``learner.num_workers``.
+    """
+
+    clip_eps: float = 0.2  # PPO ε: the ratio π_θ/π_θold is clipped to [1-ε, 1+ε]
+    kl_coef: float = 0.001  # β of the KL term to the reference policy
+    kl_clamp: float = 10.0  # bound on the per-token k3 KL estimate (verl's ±10)
+    entropy_coef: float = 0.001  # entropy bonus (verl's reference config; the paper has none)
+    adv_eps: float = 1e-6  # added to the group std of the rewards (advantage 0 for equal rewards)
+    ppo_epochs: int = 1  # passes over each batch; >1 (or mini-batches) clips against recomputed old log-probs
+    ppo_mini_batch_size: int = 0  # trajectories per optimizer step, all ranks; 0 = the whole batch (one step)
 
     def __post_init__(self) -> None:
         _positive("algo.clip_eps", self.clip_eps)
@@ -262,6 +270,8 @@ class AlgoConfig:
         _positive("algo.kl_clamp", self.kl_clamp)  # the bound on the per-token k3 KL; 0 would zero the KL term
         _positive("algo.entropy_coef", self.entropy_coef, allow_zero=True)
         _positive("algo.adv_eps", self.adv_eps)  # std + eps: 0 divides by zero in a group with equal rewards
+        _number("algo.ppo_epochs", self.ppo_epochs, 1)
+        _positive("algo.ppo_mini_batch_size", self.ppo_mini_batch_size, allow_zero=True)
 
 
 @dataclass
@@ -584,6 +594,12 @@ def validate(cfg: Config) -> Config:
             f"{trajectories} trajectories per step (trainer.prompts_per_step={cfg.trainer.prompts_per_step} × "
             f"rollout.group_size={cfg.rollout.group_size}) do not split evenly over {cfg.learner.num_workers} learner ranks",
         )
+    mini = cfg.algo.ppo_mini_batch_size
+    if mini and (trajectories % mini or mini % cfg.learner.num_workers):
+        raise ConfigError("algo.ppo_mini_batch_size", f"{mini} trajectories per optimizer step must divide the "
+                          f"{trajectories} trajectories per step (trainer.prompts_per_step={cfg.trainer.prompts_per_step}"
+                          f" × rollout.group_size={cfg.rollout.group_size}) and be a multiple of "
+                          f"learner.num_workers={cfg.learner.num_workers}")
     if cfg.reference.placement == "separate" and trajectories % cfg.reference.num_workers:
         raise ConfigError("reference.num_workers", f"{trajectories} trajectories per step do not split evenly over "
                           f"{cfg.reference.num_workers} reference ranks")

@@ -1,107 +1,67 @@
-"""Learner core: log-probs and GRPO updates on one rank of a ``torch.distributed`` group (DESIGN: Learner).
+"""Learner core: GRPO updates of the policy on one rank of a ``torch.distributed`` group (DESIGN: Learner).
 
 Each rank is one ``Learner`` in one process group (gloo on CPU, NCCL on GPU); more ranks only need more
-``LearnerWorker`` actors. ``Learner`` holds everything the backends share (micro-batching, the loss, metrics,
-weight streaming, the HF export); a backend subclass only wraps the model and owns backward, optimizer step and
-sharded state:
+``LearnerWorker`` actors. ``Learner`` is one concrete class that holds its models through a backend object
+(``research_rl.learner.backend``): the trainable policy (backend with its optimizer) and, when the reference policy
+is colocated, a ``ReferencePolicy`` (``research_rl.learner.reference``, a frozen backend) on the same ranks.
+``learner.backend`` picks ``FSDP2Backend`` (``research_rl.learner.fsdp2``) or ``DeepSpeedBackend``
+(``research_rl.learner.deepspeed_backend``); everything else here (micro-batching, the loss, mini-batches,
+metrics, weight streaming, the HF export) is the same for both.
 
-- ``FSDP2Learner`` (this module): ``fully_shard`` per decoder layer and the root; bf16 parameters with fp32
-  gradient reduction on GPU (``MixedPrecisionPolicy``); optional ``CPUOffloadPolicy``.
-- ``DeepSpeedLearner`` (``research_rl.learner.deepspeed_backend``, the only module that imports deepspeed): ZeRO-2 or
-  ZeRO-3 with a torch AdamW passed in, its config generated from ``LearnerConfig``.
-
-``learner_class(cfg.backend)`` picks the class.
-
-Batches are dicts of tensors with right-padded sequences (prompt + response):
-    input_ids      [N, L] int64
-    attention_mask [N, L] int64
-    loss_mask      [N, L] int64   1 on generated response tokens, 0 on prompt, inserted results, padding
-    advantages     [N]    float   (update only)
-    ref_log_probs  [N, L-1] float (update only; position t scores token t+1; zero off the loss mask)
-    old_log_probs  [N, L-1] float (update, optional: without it the policy's own log-probs, detached, see
-                   ``_grpo_loss``; the trainer leaves it out, since one optimizer step per batch makes the
-                   recomputed values equal the current ones and the extra forward pass would buy nothing)
-
-Micro-batches: fixed ``micro_batch_size`` rows in batch order, or, with ``max_tokens_per_micro_batch``, rows
-sorted by length and packed first-fit so that rows × longest row ≤ the budget (``plan_micro_batches``). Every
-rank runs the same number of micro-batches (collectives in FSDP2/ZeRO-3 forward and in backward need it): a rank
-with fewer pads with zero-weighted ones.
+Batches are ``Experience`` records (``research_rl.algo.experience``: right-padded ``[N, L]`` sequences, the loss
+mask, ``advantages [N]``, ``ref_log_probs [N, L-1]``, optionally ``old_log_probs [N, L-1]``).
 
 Loss aggregation is the masked token-mean over the whole mini-batch: every micro-batch divides by the global
 number of loss tokens (summed over ranks, divided by the world size because both backends average gradients
-over ranks), so grouping, gradient accumulation and data parallelism leave the update unchanged. One optimizer
-step per batch (DESIGN).
+over ranks), so grouping, gradient accumulation and data parallelism leave the update unchanged.
+
+Optimizer steps per batch: ``algo.ppo_epochs`` × (trajectories / ``algo.ppo_mini_batch_size``). With the defaults
+that is one step per batch, as in the paper (ReSearch §2.2, one GRPO update per rollout batch), and π_θold is
+the policy's own log-probs, detached: the policy at loss time is the one that produced the batch, so the ratio
+is 1 with gradient ∇log π_θ, what a recomputed ``old_log_probs`` would give, without that forward pass (TRL's
+``GRPOTrainer`` with ``num_iterations=1`` does the same). With more steps, ``old_log_probs`` are computed once
+before the first step and every mini-batch's ratio is clipped against them (PPO, arXiv 1707.06347 §3; verl's
+``ppo_epochs`` / ``ppo_mini_batch_size``). Mini-batch ``j`` of ``S`` is every ``S``-th trajectory of the batch
+from ``j`` (``Learner._mini_batches``), the same in every epoch: no random shuffling, so updates are reproducible
+and equal at any world size, and each mini-batch still spans the batch's prompts.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 
 from research_rl.algo import grpo
-from research_rl.learner.weights import cut_buckets, tied_aliases, write_hf_model
+from research_rl.algo.experience import Experience
 from research_rl.config.schema import AlgoConfig, LearnerConfig
+from research_rl.learner import group
+from research_rl.learner.backend import Backend, backend_class
+from research_rl.learner.passes import batch_log_probs, load_hf_model, micro_batch, rank_plan, token_log_probs
+from research_rl.learner.reference import ReferencePolicy
+from research_rl.learner.weights import cut_buckets, tied_aliases, write_hf_model
 
 BACKEND_FILE = "learner.json"  # in a sharded checkpoint: which backend wrote it, at what world size
 HF_CONFIG_DIR = "hf"  # in a sharded checkpoint: the model's HF config and tokenizer (what export needs)
 
 
-def plan_micro_batches(lengths: list[int], micro_batch_size: int, max_tokens: int | None) -> list[list[int]]:
-    """Group row indices into micro-batches.
-
-    Args:
-        lengths: attended length of each row (tokens).
-        micro_batch_size: rows per micro-batch when ``max_tokens`` is None (batch order kept).
-        max_tokens: token budget per micro-batch, counted as padded tokens = rows × longest row. Rows are sorted
-            longest first and each goes into the first micro-batch it fits (first-fit decreasing); a row longer
-            than the budget gets a micro-batch of its own.
-
-    Returns:
-        Lists of row indices; every row appears exactly once.
-    """
-    n = len(lengths)
-    if max_tokens is None:
-        return [list(range(i, min(i + micro_batch_size, n))) for i in range(0, n, micro_batch_size)]
-    groups: list[list[int]] = []
-    for i in sorted(range(n), key=lambda i: (-lengths[i], i)):
-        for g in groups:  # the first row of a group is its longest
-            if (len(g) + 1) * lengths[g[0]] <= max_tokens:
-                g.append(i)
-                break
-        else:
-            groups.append([i])
-    return groups
-
-
-def _take(batch: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
-    """Rows ``rows`` of the batch, trimmed to their longest attended sequence (no compute on shared padding)."""
-    idx = torch.tensor(rows, dtype=torch.long)
-    mb = {k: v.index_select(0, idx) for k, v in batch.items()}
-    width = int(mb["attention_mask"].sum(dim=1).max())
-    return {k: (v[:, :width] if k in ("input_ids", "attention_mask", "loss_mask")
-                else v[:, :width - 1] if v.dim() == 2 else v) for k, v in mb.items()}
-
-
 class Learner:
-    """One rank of the learner: what both backends share. Use ``FSDP2Learner`` or ``DeepSpeedLearner``.
+    """One rank of the learner.
 
     Args:
-        cfg: learner settings (lr, grad clip, micro-batching, backend options).
-        algo: GRPO coefficients.
+        cfg: learner settings (backend, lr, grad clip, micro-batching, offload).
+        algo: GRPO coefficients and the optimizer steps per batch (``ppo_epochs``, ``ppo_mini_batch_size``).
         rank, world_size: position in the process group.
         device: ``"cpu"`` or ``"cuda"``.
         param_dtype: compute dtype on GPU (CPU always runs float32).
         gradient_checkpointing: recompute activations in backward (HF ``gradient_checkpointing_enable``).
-    """
 
-    backend = ""
+    Raises:
+        ValueError, ImportError: as ``backend_class(cfg.backend)`` (an unknown backend; DeepSpeed not installed).
+    """
 
     def __init__(self, cfg: LearnerConfig, algo: AlgoConfig, rank: int = 0, world_size: int = 1,
                  device: str = "cpu", param_dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False):
@@ -110,246 +70,187 @@ class Learner:
         self.device = torch.device(device)
         self.param_dtype = param_dtype
         self.gradient_checkpointing = gradient_checkpointing
-        self.policy = None  # the wrapped trainable model (callable like the HF model)
-        self.optimizer: torch.optim.Optimizer | None = None  # the torch optimizer (the backend may wrap it)
-        self.reference = None
-        self.reference_offload = False
+        self._backend_cls = backend_class(cfg.backend)
+        self.policy: Backend | None = None  # the trainable policy and its optimizer
+        self.reference: ReferencePolicy | None = None  # colocated reference policy (reference.placement=colocated)
         self.hf_config = None  # the policy's transformers config and generation config (for HF export)
         self.generation_config = None
         self._aliases: set[str] = set()  # tied parameter names streamed once (lm_head.weight when tied)
-
-    # ================================================================ backend hooks
-    def _wrap_policy(self, model: torch.nn.Module) -> None:
-        """Shard ``model`` and build the optimizer: set ``self.policy`` and ``self.optimizer``."""
-        raise NotImplementedError
-
-    def _wrap_reference(self, model: torch.nn.Module, offload: bool):
-        """Shard the frozen reference; with ``offload`` its parameters stay on CPU between passes."""
-        raise NotImplementedError
-
-    def _backward(self, loss: torch.Tensor, last: bool) -> None:
-        """Accumulate gradients of one micro-batch; ``last`` marks the accumulation boundary."""
-        raise NotImplementedError
-
-    def _step(self) -> tuple[float, bool]:
-        """Clip to ``grad_clip`` and step. Returns (total grad norm before clipping, whether the step was applied:
-        a non-finite norm skips it)."""
-        raise NotImplementedError
-
-    def _full_tensors(self, model, skip: set[str]) -> Iterator[tuple[str, torch.Tensor | None]]:
-        """Every parameter and persistent buffer but those named in ``skip``, unsharded, one gather at a time:
-        ``(name, CPU tensor)`` on rank 0, ``(name, None)`` on other ranks. Every rank must consume it (collectives)."""
-        raise NotImplementedError
-
-    def _save_sharded(self, path: Path) -> None:
-        raise NotImplementedError
-
-    def _load_sharded(self, path: Path) -> None:
-        raise NotImplementedError
-
-    def _backend_info(self) -> dict:
-        return {"backend": self.backend, "world_size": self.world_size}
-
-    @contextlib.contextmanager
-    def _reference_in_use(self):
-        """Around a reference pass: bring offloaded parameters in where the backend does not do it itself."""
-        yield
+        self._kept: Experience | None = None  # the shard compute_ref_log_probs(keep=True) holds for update()
 
     # ================================================================ setup
     def init_process_group(self, master_addr: str, master_port: int) -> None:
         """Join the process group (rank 0 hosts the TCP rendezvous at ``master_addr:master_port``)."""
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        if self.device.type == "cuda" and self.cfg.cpu_offload:
-            backend = "cuda:nccl,cpu:gloo"  # offloaded shards are reduced on CPU (gradient norm)
-        if not dist.is_initialized():
-            dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}",
-                                    rank=self.rank, world_size=self.world_size)
-
-    def _load_hf(self, path: str, trainable: bool) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # on CPU: the backend places it
-        if trainable and self.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        model.train(trainable)
-        if not trainable:
-            model.requires_grad_(False)
-        return model
+        group.init_process_group(self.cfg.backend, self.rank, self.world_size, self.device, master_addr,
+                                 master_port, cpu_offload=self.cfg.cpu_offload)
 
     def load_policy(self, path: str) -> None:
         """Load (or reload) the trainable policy from an HF directory or model id; a fresh AdamW optimizer."""
-        model = self._load_hf(path, trainable=True)
+        model = load_hf_model(path, trainable=True, gradient_checkpointing=self.gradient_checkpointing)
         self.hf_config = model.config
         self.generation_config = getattr(model, "generation_config", None)
         self._aliases = tied_aliases(model)
-        self._wrap_policy(model)
+        self.policy = self._backend_cls(model, self.cfg, self.rank, self.world_size, self.device, self.param_dtype,
+                                        trainable=True)
 
     def load_reference(self, path: str, offload: bool = False) -> None:
-        """Load the frozen reference policy (the initial policy of RL) from an HF directory or model id.
+        """Load the frozen reference policy (the initial policy of RL) on this rank, in the learner's group
+        (``ReferencePolicy.load``; ``offload`` keeps its parameters on CPU between passes)."""
+        self.reference = ReferencePolicy(self.cfg, self.rank, self.world_size, str(self.device), self.param_dtype)
+        self.reference.load(path, offload)
 
-        With ``offload`` its parameters live on CPU between log-prob passes (and are brought to the device per
-        layer or per pass); on a CPU learner that changes nothing but runs the same code."""
-        self.reference = self._wrap_reference(self._load_hf(path, trainable=False), offload)
-        self.reference_offload = offload
+    # ================================================================ log-probs
+    def compute_ref_log_probs(self, exp: Experience, keep: bool = False) -> torch.Tensor | None:
+        """Reference log-probs of this rank's shard, ``[n, L-1]`` float32 on CPU (``ReferencePolicy``).
 
-    def _optimizer_kwargs(self) -> dict:
-        return {"lr": self.cfg.lr, "betas": tuple(self.cfg.betas), "weight_decay": self.cfg.weight_decay}
-
-    # ================================================================ forward
-    def _forward(self, model, mb: dict[str, torch.Tensor], with_entropy: bool, entropy_grad: bool = False):
-        """Log-probs (and entropy) of the next token at every position ``t`` with ``loss_mask[t + 1] = 1``, each
-        ``[n, l-1]`` float32; zero at every other position.
-
-        Logits are only computed where the loss reads them: a forward pre-hook on the output embeddings (the LM
-        head) hands it the final hidden states of the scored positions alone, ``[1, K, d]`` for ``K`` loss tokens,
-        instead of ``[n, l, d]``. In a ReSearch trajectory most positions are prompt and inserted ``<result>``
-        passages, so this skips most of the vocabulary projection, the log-softmax and their backward (a
-        generalisation of transformers' ``logits_to_keep``). The values at the scored positions are those of the
-        full forward. ``entropy_grad``: keep the entropy in the graph (an entropy bonus); otherwise it is a
-        detached metric.
-        """
-        ids = mb["input_ids"].to(self.device)
-        n, width = ids.shape
-        scored = mb["loss_mask"][:, 1:].to(self.device).bool()  # [n, l-1]: position t scores token t+1
-        at = torch.cat([scored, scored.new_zeros((n, 1))], dim=1)  # [n, l]: the hidden states the head needs
-
-        def select(_module, args):
-            return (args[0][at].unsqueeze(0), *args[1:])  # [n, l, d] -> [1, K, d]
-
-        attention = mb["attention_mask"].to(self.device)
-        if bool((attention[:, 1:] <= attention[:, :-1]).all()):
-            # right padding: under the causal mask no real token attends to a pad, so the padding mask changes
-            # nothing at real positions, and without it SDPA runs its causal kernel (skips the upper triangle)
-            attention = None
-        hf_model = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
-        handle = hf_model.get_output_embeddings().register_forward_pre_hook(select)
-        try:
-            logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=0).logits[0]  # [K, V]
-        finally:
-            handle.remove()
-        log_probs = torch.zeros((n, width - 1), dtype=torch.float32, device=self.device)
-        log_probs = log_probs.masked_scatter(scored, grpo.log_probs_from_logits(logits, ids[:, 1:][scored]).float())
-        entropy = None
-        if with_entropy:
-            with contextlib.nullcontext() if entropy_grad else torch.no_grad():
-                per_token = grpo.entropy_from_logits(logits).float()  # [K]
-            entropy = torch.zeros_like(log_probs).masked_scatter(scored, per_token)
-        return log_probs, entropy
-
-    def _all_reduce(self, values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
-        if self.world_size == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=op)
-        return t.tolist()
-
-    def _global_tokens(self, mask: torch.Tensor) -> float:
-        return self._all_reduce([float(mask.sum())])[0]
-
-    def _plan(self, batch: dict[str, torch.Tensor]) -> list[list[int] | None]:
-        """This rank's micro-batches, padded with ``None`` (a zero-weighted pass) to the most any rank has."""
-        if batch["input_ids"].shape[0] == 0:
-            raise ValueError("the learner got an empty batch")
-        lengths = batch["attention_mask"].sum(dim=1).tolist()
-        plan: list[list[int] | None] = plan_micro_batches(lengths, self.cfg.micro_batch_size,
-                                                          self.cfg.max_tokens_per_micro_batch)
-        most = int(self._all_reduce([float(len(plan))], op=dist.ReduceOp.MAX)[0])
-        return plan + [None] * (most - len(plan))
-
-    @torch.no_grad()
-    def compute_log_probs(self, batch: dict[str, torch.Tensor],
-                          keys: tuple[str, ...] = ("old_log_probs", "ref_log_probs")) -> dict[str, torch.Tensor]:
-        """Log-probs of the scored tokens under the loaded models, rows in the batch's order.
-
-        Returns, of ``keys``, ``old_log_probs`` (the policy, when loaded) and ``ref_log_probs`` (the reference, when
-        loaded), each ``[N, L-1]`` float32 on CPU, zero where ``loss_mask[:, 1:]`` is 0 (``_forward``).
+        With ``keep`` the learner keeps ``exp`` with ``ref_log_probs`` filled in for the next ``update()`` and
+        returns None: colocated, the reference log-probs never leave the rank and the batch is sent once per step
+        (send it with its ``advantages``).
 
         Raises:
-            RuntimeError: none of ``keys`` has its model loaded.
+            RuntimeError: no reference loaded (``load_reference``).
         """
-        models = {k: m for k, m in (("old_log_probs", self.policy), ("ref_log_probs", self.reference))
-                  if m is not None and k in keys}
-        if not models:
-            raise RuntimeError(f"compute_log_probs({list(keys)}) needs load_policy or load_reference first")
-        n, width = batch["input_ids"].shape
-        plan = self._plan(batch)
-        out = {}
-        for key, model in models.items():
-            out[key] = torch.zeros(n, width - 1)
-            was_training = model.training
-            model.eval()
-            with self._reference_in_use() if key == "ref_log_probs" else contextlib.nullcontext():
-                for rows in plan:
-                    lp, _ = self._forward(model, _take(batch, rows or [0]), with_entropy=False)
-                    if rows is not None:
-                        out[key][rows, :lp.shape[1]] = lp.float().cpu()
-            model.train(was_training)
-        return out
+        if self.reference is None:
+            raise RuntimeError("compute_ref_log_probs needs load_reference first (reference.placement=colocated)")
+        ref = self.reference.compute_log_probs(exp)
+        if keep:
+            self._kept = exp.replace(ref_log_probs=ref)
+            return None
+        return ref
 
-    def _accumulate(self, batch: dict[str, torch.Tensor], loss_fn) -> tuple[dict[str, float], float]:
-        """Forward and backward every micro-batch of ``batch``; ``loss_fn(mb, num_tokens)`` returns the micro-batch's
+    def compute_log_probs(self, exp: Experience) -> torch.Tensor:
+        """Log-probs of ``exp``'s scored tokens under the current policy, no gradient, eval mode: ``[n, L-1]``
+        float32 on CPU, rows in ``exp``'s order, zero where ``loss_mask[:, 1:]`` is 0. ``update`` uses this for
+        ``old_log_probs`` when it takes more than one optimizer step. Every rank must call it.
+
+        Raises:
+            RuntimeError: no policy loaded.
+        """
+        if self.policy is None:
+            raise RuntimeError("compute_log_probs needs load_policy first")
+        return batch_log_probs(self.policy.module, exp, self._plan(exp), self.device)
+
+    def _plan(self, exp: Experience) -> list[list[int] | None]:
+        return rank_plan(exp, self.cfg, self.world_size, self.device)
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        return group.all_reduce(values, self.world_size, self.device)
+
+    # ================================================================ updates
+    def _accumulate(self, exp: Experience, loss_fn) -> tuple[dict[str, float], float]:
+        """Forward and backward every micro-batch of ``exp``; ``loss_fn(mb, num_tokens)`` returns the micro-batch's
         loss and its detached metric terms (each a share of the global token-mean). Returns the metric sums and
         the global number of loss tokens."""
-        global_tokens = self._global_tokens(batch["loss_mask"][:, 1:])
+        global_tokens = self._all_reduce([float(exp.loss_mask[:, 1:].sum())])[0]
         num_tokens = max(global_tokens / self.world_size, 1e-8)  # the backends average gradients over ranks
-        plan = self._plan(batch)
+        plan = self._plan(exp)
         sums: dict[str, float] = {}
         for i, rows in enumerate(plan):
-            loss, terms = loss_fn(_take(batch, rows or [0]), num_tokens)
+            loss, terms = loss_fn(micro_batch(exp, rows or [0]), num_tokens)
             weight = 0.0 if rows is None else 1.0  # a padding pass keeps the ranks' collectives in step
-            self._backward(loss * weight, last=i == len(plan) - 1)
+            self.policy.backward(loss * weight, last=i == len(plan) - 1)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + weight * float(v)
         sums["micro_batches"] = float(len(plan))
         return sums, global_tokens
 
-    def _grpo_loss(self, mb: dict[str, torch.Tensor], num_tokens: float):
-        mask = mb["loss_mask"][:, 1:].to(self.device).float()
-        log_probs, entropy = self._forward(self.policy, mb, with_entropy=True, entropy_grad=self.algo.entropy_coef != 0)
-        adv = grpo.broadcast_advantages(mb["advantages"].to(self.device).float(), mask)
-        ref = mb["ref_log_probs"].to(self.device) if self.algo.kl_coef > 0 else None
-        # without old_log_probs the policy's own, detached: one optimizer step per batch means the policy at loss
-        # time is the one that produced (and, after the sync, scored) the batch, so the ratio is 1 with gradient
-        # ∇log π_θ, as a recomputed old_log_probs would give (TRL's GRPOTrainer with num_iterations=1 does the same)
-        old = mb["old_log_probs"].to(self.device) if "old_log_probs" in mb else log_probs.detach()
+    def _grpo_loss(self, mb: Experience, num_tokens: float):
+        mask = mb.loss_mask[:, 1:].to(self.device).float()
+        log_probs, entropy = token_log_probs(self.policy.module, mb, self.device, with_entropy=True,
+                                             entropy_grad=self.algo.entropy_coef != 0)
+        adv = grpo.broadcast_advantages(mb.advantages.to(self.device).float(), mask)
+        ref = None
+        if self.algo.kl_coef > 0:
+            if mb.ref_log_probs is None:
+                raise ValueError(f"algo.kl_coef={self.algo.kl_coef} needs the batch's ref_log_probs "
+                                 "(compute_ref_log_probs first)")
+            ref = mb.ref_log_probs.to(self.device)
+        # without old_log_probs the policy's own, detached: exact for one optimizer step per batch (module docstring)
+        old = mb.old_log_probs.to(self.device) if mb.old_log_probs is not None else log_probs.detach()
         out = grpo.grpo_loss(log_probs, old, ref, adv, mask, entropy,
                              clip_eps=self.algo.clip_eps, kl_coef=self.algo.kl_coef,
-                             entropy_coef=self.algo.entropy_coef, num_tokens=num_tokens)
+                             entropy_coef=self.algo.entropy_coef, num_tokens=num_tokens, kl_clamp=self.algo.kl_clamp)
         terms = {k: getattr(out, k).detach() for k in ("pg_loss", "kl", "entropy", "clip_frac", "approx_kl")}
         return out.loss, {**terms, "loss": out.loss.detach()}
 
-    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One GRPO optimizer step over the whole batch (micro-batched). Returns ``actor/*`` metrics, averaged over
-        ranks: ``pg_loss``, ``kl``, ``entropy``, ``clip_frac``, ``approx_kl``, ``loss`` (token-means over the global
-        batch), ``grad_norm`` (before clipping), ``lr``, ``num_tokens`` (global loss tokens), ``micro_batches``
-        (per rank), ``skipped_step`` (1 when a non-finite gradient norm skipped the step)."""
-        self._zero_grad()
-        sums, num_tokens = self._accumulate(batch, self._grpo_loss)
-        grad_norm, applied = self._step()
+    def _optimizer_step(self, exp: Experience) -> dict[str, float]:
+        """One GRPO optimizer step over ``exp`` (micro-batched); this rank's unreduced ``actor/*`` metrics."""
+        self.policy.zero_grad()
+        sums, num_tokens = self._accumulate(exp, self._grpo_loss)
+        grad_norm, applied = self.policy.step()
         metrics = {f"actor/{k}": v for k, v in sums.items()}
-        metrics.update({"actor/grad_norm": grad_norm, "actor/lr": self.optimizer.param_groups[0]["lr"],
+        metrics.update({"actor/grad_norm": grad_norm, "actor/lr": self.policy.optimizer.param_groups[0]["lr"],
                         "actor/num_tokens": num_tokens, "actor/skipped_step": float(not applied)})
+        return metrics
+
+    def _mini_batches(self, n: int) -> list[range]:
+        """Row sets of this rank's ``n``-row shard, one per optimizer step, over all epochs.
+
+        With ``S`` mini-batches per epoch, mini-batch ``j`` is every ``S``-th row from row ``j``. Since each rank's
+        shard is ``S`` × (``ppo_mini_batch_size`` / world size) contiguous rows of the batch, this is every
+        ``S``-th trajectory of the whole batch on every rank together: the same trajectories at any world size
+        (so 2 ranks × half batch still equal 1 rank × full batch), and each mini-batch spans the batch's prompts.
+        """
+        if self.algo.ppo_mini_batch_size == 0:
+            return [range(n)] * self.algo.ppo_epochs
+        per_rank, rest = divmod(self.algo.ppo_mini_batch_size, self.world_size)
+        if rest or per_rank == 0 or n % per_rank:
+            raise ValueError(
+                f"algo.ppo_mini_batch_size={self.algo.ppo_mini_batch_size} trajectories over {self.world_size} "
+                f"learner ranks is not a whole number of mini-batches of this rank's {n} trajectories")
+        count = n // per_rank
+        return [range(j, n, count) for j in range(count)] * self.algo.ppo_epochs
+
+    def update(self, exp: Experience | None = None) -> dict[str, float]:
+        """GRPO optimizer steps over this rank's shard ``exp``, or over the one ``compute_ref_log_probs(keep=True)``
+        kept when None: ``algo.ppo_epochs`` × (trajectories / ``algo.ppo_mini_batch_size``) steps, one with the
+        defaults (module docstring). Every rank calls it with its own shard.
+
+        Returns ``actor/*`` metrics, averaged over ranks and over the optimizer steps: ``pg_loss``, ``kl``,
+        ``entropy``, ``clip_frac``, ``approx_kl``, ``loss`` (token-means over each step's global mini-batch),
+        ``grad_norm`` (before clipping), ``lr``, ``num_tokens`` (global loss tokens per step), ``micro_batches``
+        (per rank and step), ``skipped_step`` (the fraction of steps a non-finite gradient norm skipped) and
+        ``optimizer_steps``.
+
+        Raises:
+            RuntimeError: ``exp`` is None and no shard was kept.
+            ValueError: ``exp`` has no ``advantages``, lacks ``ref_log_probs`` while ``algo.kl_coef > 0``, or does
+                not split into ``algo.ppo_mini_batch_size`` mini-batches.
+        """
+        if exp is None:
+            if self._kept is None:
+                raise RuntimeError("update() without a batch needs compute_ref_log_probs(exp, keep=True) first")
+            exp, self._kept = self._kept, None
+        if exp.advantages is None:
+            raise ValueError("update() needs the batch's advantages")
+        steps = self._mini_batches(len(exp))
+        if len(steps) == 1:  # the paper's one step per batch: π_θold is the policy itself, no extra pass
+            metrics = self._optimizer_step(exp)
+            metrics["actor/optimizer_steps"] = 1.0
+            return self._reduce_metrics(metrics)
+        if exp.old_log_probs is None:  # π_θold: the policy before the first step, for every mini-batch's ratio
+            exp = exp.replace(old_log_probs=self.compute_log_probs(exp))
+        per_step = [self._optimizer_step(exp.select(rows)) for rows in steps]
+        metrics = {k: sum(m[k] for m in per_step) / len(per_step) for k in per_step[0]}
+        metrics["actor/optimizer_steps"] = float(len(per_step))
         return self._reduce_metrics(metrics)
 
-    def sft_step(self, batch: dict[str, torch.Tensor], lr: float) -> dict[str, float]:
+    def sft_step(self, exp: Experience, lr: float) -> dict[str, float]:
         """One supervised step: masked token-mean NLL over loss-mask tokens (the debug warm-up) at learning rate
-        ``lr``. Returns ``warmup/nll`` and ``warmup/grad_norm``."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        ``lr``. Returns ``warmup/nll`` and ``warmup/grad_norm``, averaged over ranks."""
+        for g in self.policy.optimizer.param_groups:
+            g["lr"] = lr
 
         def nll(mb, num_tokens):
-            mask = mb["loss_mask"][:, 1:].to(self.device).float()
-            log_probs, _ = self._forward(self.policy, mb, with_entropy=False)
+            mask = mb.loss_mask[:, 1:].to(self.device).float()
+            log_probs, _ = token_log_probs(self.policy.module, mb, self.device, with_entropy=False)
             loss = grpo.token_mean(-log_probs, mask, num_tokens=num_tokens)
             return loss, {"nll": loss.detach()}
 
-        self._zero_grad()
-        sums, _ = self._accumulate(batch, nll)
-        grad_norm, _ = self._step()
+        self.policy.zero_grad()
+        sums, _ = self._accumulate(exp, nll)
+        grad_norm, _ = self.policy.step()
         return self._reduce_metrics({"warmup/nll": sums["nll"], "warmup/grad_norm": grad_norm})
-
-    def _zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
 
     def _reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         keys = sorted(metrics)
@@ -364,7 +265,7 @@ class Learner:
 
         A generator: rank 0 yields the buckets; other ranks yield nothing but must still exhaust it, since every
         tensor is gathered collectively."""
-        yield from cut_buckets(self._full_tensors(self.policy, skip=self._aliases), bucket_mb)
+        yield from cut_buckets(self.policy.full_tensors(skip=self._aliases), bucket_mb)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full policy weights on CPU in one dict (rank 0; empty on other ranks). Every rank must call it."""
@@ -374,11 +275,12 @@ class Learner:
     def probe_log_probs(self, sequence: list[int]) -> torch.Tensor:
         """Policy log-probs of tokens 1..L-1 of one sequence, ``[L-1]`` float32 on CPU (every rank must call)."""
         ids = torch.tensor([sequence], dtype=torch.long)
-        was_training = self.policy.training
-        self.policy.eval()
-        lp, _ = self._forward(self.policy, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                                            "loss_mask": torch.ones_like(ids)}, False)
-        self.policy.train(was_training)
+        model = self.policy.module
+        was_training = model.training
+        model.eval()
+        lp, _ = token_log_probs(model, Experience(ids, torch.ones_like(ids), torch.ones_like(ids)), self.device,
+                                with_entropy=False)
+        model.train(was_training)
         return lp[0].float().cpu()
 
     # ================================================================ checkpoints
@@ -396,10 +298,12 @@ class Learner:
         """The sharded policy and optimizer state in the backend's own format under ``path``, plus
         ``learner.json`` (backend, world size) and ``hf/`` (HF config and tokenizer, for export). Every rank must
         call; each writes its own shards."""
+        import torch.distributed as dist
+
         path = Path(path)
         if self.rank == 0:
             path.mkdir(parents=True, exist_ok=True)
-            (path / BACKEND_FILE).write_text(json.dumps(self._backend_info(), indent=2))
+            (path / BACKEND_FILE).write_text(json.dumps(self.policy.info(), indent=2))
             self.hf_config.save_pretrained(str(path / HF_CONFIG_DIR))
             if self.generation_config is not None:
                 self.generation_config.save_pretrained(str(path / HF_CONFIG_DIR))
@@ -407,7 +311,7 @@ class Learner:
                 tokenizer.save_pretrained(str(path / HF_CONFIG_DIR))
         if self.world_size > 1:
             dist.barrier()
-        self._save_sharded(path)
+        self.policy.save(path)
         if self.world_size > 1:
             dist.barrier()
 
@@ -419,116 +323,14 @@ class Learner:
         """
         path = Path(path)
         info = json.loads((path / BACKEND_FILE).read_text())
-        mine = self._backend_info()
-        if info["backend"] != self.backend:
+        if info["backend"] != self.policy.name:
             raise ValueError(f"{path} was written by learner.backend={info['backend']}; this run has "
-                             f"learner.backend={self.backend} (export it to HF with python -m research_rl.export and "
-                             "start from that model instead)")
-        self._check_resumable(info, mine, path)
-        self._load_sharded(path)
-
-    def _check_resumable(self, saved: dict, mine: dict, path: Path) -> None:
-        """Backends that cannot reshard raise here."""
+                             f"learner.backend={self.policy.name} (export it to HF with python -m research_rl.export "
+                             "and start from that model instead)")
+        self.policy.load(path, info)
 
     def shutdown(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-class FSDP2Learner(Learner):
-    """The learner under FSDP2: ``fully_shard`` per decoder layer and the root, over a 1-D device mesh.
-
-    Full weights come from the sharded ``get_model_state_dict`` one ``DTensor.full_tensor()`` at a time; the
-    checkpoint is ``torch.distributed.checkpoint`` (DCP) of the sharded model and optimizer state dicts, which
-    reloads at any world size.
-    """
-
-    backend = "fsdp2"
-
-    def init_process_group(self, master_addr: str, master_port: int) -> None:
-        super().init_process_group(master_addr, master_port)
-        from torch.distributed.device_mesh import init_device_mesh
-
-        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
-
-    def _shard(self, model: torch.nn.Module, offload: bool) -> torch.nn.Module:
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
-        kwargs = {"mesh": self.mesh}
-        if self.device.type == "cuda" and self.param_dtype != torch.float32:
-            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32)
-        if offload:
-            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
-        for layer in model.model.layers:
-            fully_shard(layer, **kwargs)
-        fully_shard(model, **kwargs)  # moves what it shards to the mesh's device (or keeps it on CPU to offload)
-        return model
-
-    def _wrap_policy(self, model: torch.nn.Module) -> None:
-        self.policy = self._shard(model, self.cfg.cpu_offload)
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), **self._optimizer_kwargs())
-
-    def _wrap_reference(self, model: torch.nn.Module, offload: bool):
-        return self._shard(model, offload)
-
-    def _backward(self, loss: torch.Tensor, last: bool) -> None:
-        loss.backward()
-
-    def _step(self) -> tuple[float, bool]:
-        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip)
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
-        if math.isfinite(norm):
-            self.optimizer.step()
-        return norm, math.isfinite(norm)
-
-    def _full_tensors(self, model, skip: set[str]) -> Iterator[tuple[str, torch.Tensor | None]]:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-        from torch.distributed.tensor import DTensor
-
-        for name, t in get_model_state_dict(model).items():  # sharded: one DTensor per parameter, canonical names
-            if name in skip:
-                continue
-            if isinstance(t, DTensor):
-                if t.device.type != self.mesh.device_type:  # an offloaded shard: gather on the mesh's device
-                    t = t.to(self.mesh.device_type)
-                t = t.full_tensor()
-            yield name, (t.detach().cpu() if self.rank == 0 else None)
-
-    def _state(self):
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_sd, optim_sd = get_state_dict(self.policy, self.optimizer)
-        return {"model": model_sd, "optimizer": optim_sd}
-
-    def _save_sharded(self, path: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-
-        dcp.save(self._state(), checkpoint_id=str(path / "dcp"))
-
-    def _load_sharded(self, path: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        state = self._state()
-        dcp.load(state, checkpoint_id=str(path / "dcp"))
-        set_state_dict(self.policy, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
-
-
-def learner_class(backend: str) -> type[Learner]:
-    """The ``Learner`` subclass for ``learner.backend``.
-
-    Raises:
-        ValueError: an unknown backend.
-        ImportError: ``deepspeed`` without DeepSpeed installed (the message names the install command).
-    """
-    if backend == "fsdp2":
-        return FSDP2Learner
-    if backend == "deepspeed":
-        from research_rl.learner.deepspeed_backend import DeepSpeedLearner
-
-        return DeepSpeedLearner
-    raise ValueError(f"learner.backend={backend!r}: expected fsdp2 or deepspeed")
+        group.leave()
 
 
 def set_torch_threads(threads: int) -> None:

@@ -1,7 +1,8 @@
 """The learner under DeepSpeed ZeRO-2 or ZeRO-3 (``learner.backend=deepspeed``): the only module that imports
 deepspeed.
 
-Same interface as ``FSDP2Learner``; what differs is only the backend hooks of ``research_rl.learner.core.Learner``.
+``DeepSpeedBackend`` wraps one model (the trainable policy, or the frozen reference policy) with the interface of
+``research_rl.learner.fsdp2.FSDP2Backend`` (``research_rl.learner.backend.Backend``).
 The DeepSpeed config dict is generated from ``LearnerConfig`` (``deepspeed_config``): users never write one.
 A torch ``AdamW`` is passed in, so nothing is JIT-compiled (DeepSpeed's own CPU Adam would be). The learner
 marks the gradient-accumulation boundary itself (``set_gradient_accumulation_boundary``), because the number of
@@ -17,14 +18,12 @@ only at the same world size and ZeRO stage; ``research_rl.export`` consolidates 
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from research_rl.config.schema import LearnerConfig
-from research_rl.learner.core import Learner
 from research_rl.learner.weights import persistent_buffers
 
 try:
@@ -73,57 +72,68 @@ def deepspeed_config(cfg: LearnerConfig, world_size: int, device_type: str, para
     return config
 
 
-class DeepSpeedLearner(Learner):
-    """One rank of the learner under DeepSpeed ZeRO (``learner.zero_stage`` 2 or 3). See the module docstring."""
+class DeepSpeedBackend:
+    """One model of one rank under DeepSpeed ZeRO (``learner.zero_stage`` 2 or 3), the
+    ``research_rl.learner.backend.Backend`` interface. See the module docstring.
 
-    backend = "deepspeed"
+    Args:
+        model: the HF model, float32 on CPU.
+        cfg: ``learner.*`` (zero_stage, lr, betas, weight_decay, grad_clip, micro_batch_size, cpu_offload).
+        rank, world_size: position in the process group (joined already).
+        device: ``cpu`` or ``cuda``. param_dtype: compute dtype on GPU (DeepSpeed bf16/fp16).
+        trainable: a DeepSpeed engine over a torch AdamW; offload follows ``cfg.cpu_offload``.
+        offload: a frozen model's parameters stay on CPU between passes (ZeRO-3 parameter offload; under ZeRO-2,
+            whose frozen model is a plain replicated module, a move to the device and back around each pass).
+    """
 
-    def init_process_group(self, master_addr: str, master_port: int) -> None:
-        # DeepSpeed reads the local device index from LOCAL_RANK; under Ray each actor sees its one GPU as device 0.
-        os.environ.setdefault("LOCAL_RANK", "0" if self.device.type == "cuda" else str(self.rank))
-        if self.device.type == "cpu":
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        super().init_process_group(master_addr, master_port)
+    name = "deepspeed"
 
-    def _config(self, trainable: bool, offload_params: bool = False) -> dict:
-        return deepspeed_config(self.cfg, self.world_size, self.device.type, self.param_dtype, trainable,
-                                offload_params)
+    def __init__(self, model: torch.nn.Module, cfg: LearnerConfig, rank: int, world_size: int, device: torch.device,
+                 param_dtype: torch.dtype, trainable: bool, offload: bool = False):
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+        self.offload = offload and not trainable
+        self.optimizer = None
+        if trainable:
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                               weight_decay=cfg.weight_decay)
+            config = deepspeed_config(cfg, world_size, device.type, param_dtype, trainable=True)
+            self.module, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=config)
+        elif cfg.zero_stage == 3:  # partitioned like the policy; ZeRO-3 offloads parameters itself
+            config = deepspeed_config(cfg, world_size, device.type, param_dtype, trainable=False,
+                                      offload_params=offload)
+            self.module, *_ = deepspeed.initialize(model=model, config=config)
+        else:  # ZeRO-2 replicates parameters: a plain module
+            if device.type == "cuda":  # the policy computes in param_dtype under DeepSpeed bf16/fp16; so does this
+                model.to(param_dtype)
+            self.module = model.to("cpu" if offload else device)
 
-    def _wrap_policy(self, model: torch.nn.Module) -> None:
-        self.optimizer = torch.optim.AdamW(model.parameters(), **self._optimizer_kwargs())
-        self.policy, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self._config(True))
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
-    def _wrap_reference(self, model: torch.nn.Module, offload: bool):
-        if self.cfg.zero_stage == 3:  # partitioned like the policy; ZeRO-3 offloads parameters itself
-            engine, *_ = deepspeed.initialize(model=model, config=self._config(False, offload_params=offload))
-            return engine
-        if self.device.type == "cuda":  # the policy computes in param_dtype under DeepSpeed bf16/fp16; so does this
-            model.to(self.param_dtype)
-        return model.to("cpu" if offload else self.device)  # ZeRO-2 replicates parameters: a plain module
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        # the learner marks the accumulation boundary: its number of micro-batches per step varies
+        self.module.set_gradient_accumulation_boundary(last)
+        self.module.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> tuple[float, bool]:
+        self.module.step()  # clips to gradient_clipping; skips the update on a non-finite norm (fp32/fp16)
+        norm = self.module.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        return norm, bool(self.module.was_step_applied()) and norm == norm
 
     @contextlib.contextmanager
-    def _reference_in_use(self):
-        move = self.reference_offload and self.cfg.zero_stage == 2
+    def in_use(self):
+        move = self.offload and self.cfg.zero_stage == 2
         if move:
-            self.reference.to(self.device)
+            self.module.to(self.device)
         try:
             yield
         finally:
             if move:
-                self.reference.to("cpu")
+                self.module.to("cpu")
 
-    def _backward(self, loss: torch.Tensor, last: bool) -> None:
-        self.policy.set_gradient_accumulation_boundary(last)
-        self.policy.backward(loss, scale_wrt_gas=False)
-
-    def _step(self) -> tuple[float, bool]:
-        self.policy.step()  # clips to gradient_clipping; skips the update on a non-finite norm (fp32/fp16)
-        norm = self.policy.get_global_grad_norm()
-        norm = float("nan") if norm is None else float(norm)
-        return norm, bool(self.policy.was_step_applied()) and norm == norm
-
-    def _full_tensors(self, model, skip: set[str]) -> Iterator[tuple[str, torch.Tensor | None]]:
-        module = model.module if hasattr(model, "module") else model
+    def full_tensors(self, skip: set[str]) -> Iterator[tuple[str, torch.Tensor | None]]:
+        module = getattr(self.module, "module", self.module)
         seen: set[int] = set()  # a tied parameter is gathered once, under its first name
         for prefix, m in module.named_modules():
             own = [(n, p) for n, p in m.named_parameters(recurse=False)
@@ -139,22 +149,27 @@ class DeepSpeedLearner(Learner):
             if name not in skip:
                 yield name, (b.detach().to("cpu", copy=True) if self.rank == 0 else None)
 
-    def _backend_info(self) -> dict:
-        return {**super()._backend_info(), "zero_stage": self.cfg.zero_stage}
+    def info(self) -> dict:
+        return {"backend": self.name, "world_size": self.world_size, "zero_stage": self.cfg.zero_stage}
 
-    def _check_resumable(self, saved: dict, mine: dict, path: Path) -> None:
+    def save(self, path: Path) -> None:
+        self.module.save_checkpoint(str(path), tag=TAG, save_latest=False)
+
+    def load(self, path: Path, saved: dict) -> None:
+        """Restore model and optimizer from ``save``'s state under ``path``.
+
+        Raises:
+            ValueError: ``saved`` (the checkpoint's ``learner.json``) has another world size or ZeRO stage.
+            FileNotFoundError: no DeepSpeed state under ``path``.
+        """
+        mine = self.info()
         if (saved["world_size"], saved["zero_stage"]) != (mine["world_size"], mine["zero_stage"]):
             raise ValueError(
                 f"{path} holds DeepSpeed ZeRO-{saved['zero_stage']} state of {saved['world_size']} ranks; this run has "
                 f"learner.zero_stage={mine['zero_stage']} and learner.num_workers={mine['world_size']}, and ZeRO state "
                 "reloads only at the same stage and world size (export it to HF with python -m research_rl.export "
                 "and start from that model instead)")
-
-    def _save_sharded(self, path: Path) -> None:
-        self.policy.save_checkpoint(str(path), tag=TAG, save_latest=False)
-
-    def _load_sharded(self, path: Path) -> None:
-        loaded, _ = self.policy.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True,
+        loaded, _ = self.module.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True,
                                                 load_lr_scheduler_states=False)
         if loaded is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {path / TAG}")

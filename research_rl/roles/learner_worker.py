@@ -1,5 +1,6 @@
-"""Ray shell of the learner role: one rank of the torch.distributed group, delegating to the ``Learner`` subclass
-of ``learner.backend`` (``FSDP2Learner`` or ``DeepSpeedLearner``)."""
+"""Ray shell of the learner role: one rank of the learner's torch.distributed group, delegating to a plain
+``research_rl.learner.core.Learner`` (its backend from ``learner.backend``). With ``reference.placement=colocated``
+the rank also holds its shard of the reference policy (``load_reference``, ``compute_ref_log_probs``)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,21 @@ import socket
 import ray
 import torch
 
+from research_rl.algo.experience import Experience
 from research_rl.config.schema import AlgoConfig, LearnerConfig
-from research_rl.learner.core import learner_class, set_torch_threads
+from research_rl.learner.core import Learner, set_torch_threads
 from research_rl.roles.placement import where
 
 
-def _tokenizer(path: str | None):
+def rendezvous_address() -> tuple[str, int]:
+    """This node's IP and a free port, for rank 0 to host a process group."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return ray.util.get_node_ip_address(), port
+
+
+def tokenizer_for(path: str | None):
     """The tokenizer to save beside the weights (rank 0 writes files; other ranks need none)."""
     if not path:
         return None
@@ -24,38 +34,45 @@ def _tokenizer(path: str | None):
 
 @ray.remote
 class LearnerWorker:
+    """One learner rank. ``param_dtype``: a torch dtype name (``model.dtype``), the compute dtype on GPU."""
+
     def __init__(self, cfg: LearnerConfig, algo: AlgoConfig, rank: int, world_size: int, param_dtype: str,
                  gradient_checkpointing: bool):
         set_torch_threads(cfg.torch_threads)
         device = "cuda" if cfg.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
-        self.learner = learner_class(cfg.backend)(cfg, algo, rank, world_size, device=device,
-                                                  param_dtype=getattr(torch, param_dtype),
-                                                  gradient_checkpointing=gradient_checkpointing)
+        self.learner = Learner(cfg, algo, rank, world_size, device=device, param_dtype=getattr(torch, param_dtype),
+                               gradient_checkpointing=gradient_checkpointing)
 
     def rendezvous_address(self) -> tuple[str, int]:
-        """This node's IP and a free port, for rank 0 to host the process group."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        return rendezvous_address()
 
     def init_process_group(self, master_addr: str, master_port: int) -> None:
         self.learner.init_process_group(master_addr, master_port)
 
+    def where(self) -> dict:
+        """``placement.where()``: node, pid and assigned resources of this rank."""
+        return where()
+
+    def shutdown(self) -> None:
+        self.learner.shutdown()
+
     def load_policy(self, path: str) -> None:
         self.learner.load_policy(path)
 
-    def load_reference(self, path: str, offload: bool = False) -> None:
+    def load_reference(self, path: str, offload: bool) -> None:
         self.learner.load_reference(path, offload)
 
-    def compute_log_probs(self, batch: dict, keys: tuple[str, ...] = ("old_log_probs", "ref_log_probs")) -> dict:
-        return self.learner.compute_log_probs(batch, keys)
+    def compute_ref_log_probs(self, exp: Experience, keep: bool = False) -> torch.Tensor | None:
+        """Reference log-probs of this rank's shard, ``[n, L-1]`` float32; with ``keep`` the shard stays here, with
+        them filled in, for the next ``update()`` (returns None)."""
+        return self.learner.compute_ref_log_probs(exp, keep)
 
-    def update(self, batch: dict) -> dict:
-        return self.learner.update(batch)
+    def update(self, exp: Experience | None = None) -> dict[str, float]:
+        """GRPO optimizer steps on ``exp`` (or the kept shard); ``actor/*`` metrics reduced over ranks."""
+        return self.learner.update(exp)
 
-    def sft_step(self, batch: dict, lr: float) -> dict:
-        return self.learner.sft_step(batch, lr)
+    def sft_step(self, exp: Experience, lr: float) -> dict[str, float]:
+        return self.learner.sft_step(exp, lr)
 
     def weight_buckets(self, bucket_mb: int) -> list:
         """Full weights as ObjectRefs of buckets, each put in the object store as soon as it is gathered (rank 0;
@@ -67,18 +84,11 @@ class LearnerWorker:
 
     def save_hf(self, model_dir: str, tokenizer_path: str | None) -> None:
         """The policy as an HF model directory (rank 0 writes)."""
-        self.learner.save_hf(model_dir, _tokenizer(tokenizer_path) if self.learner.rank == 0 else None)
+        self.learner.save_hf(model_dir, tokenizer_for(tokenizer_path) if self.learner.rank == 0 else None)
 
     def save_checkpoint(self, path: str, tokenizer_path: str | None) -> None:
         """Sharded policy and optimizer state (every rank writes its shards)."""
-        self.learner.save_checkpoint(path, _tokenizer(tokenizer_path) if self.learner.rank == 0 else None)
+        self.learner.save_checkpoint(path, tokenizer_for(tokenizer_path) if self.learner.rank == 0 else None)
 
     def load_checkpoint(self, path: str) -> None:
         self.learner.load_checkpoint(path)
-
-    def where(self) -> dict:
-        """``placement.where()``: node, pid and assigned resources of this rank."""
-        return where()
-
-    def shutdown(self) -> None:
-        self.learner.shutdown()

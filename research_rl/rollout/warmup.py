@@ -13,8 +13,7 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-import torch
-
+from research_rl.algo.experience import Experience
 from research_rl.rollout.agent_loop import format_observation
 from research_rl.data import Question
 from research_rl.algo.templates import encode_prompt
@@ -81,15 +80,8 @@ def _encode_example(q, searches, results, second, second_queries, tokenizer, tem
     return ids + [tokenizer.eos_token_id], mask + [1]
 
 
-def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad ``input_ids``/``loss_mask`` lists into ``[N, L]`` tensors with an ``attention_mask``."""
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(examples), width), dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"])
-        attn[i, :n] = 1
-        mask[i, :n] = torch.tensor(e["loss_mask"])
-    return {"input_ids": ids, "attention_mask": attn, "loss_mask": mask}
+def collate(examples: list[dict], pad_id: int) -> Experience:
+    """Right-pad ``synthesize``'s examples into an ``Experience`` (``input_ids``/``attention_mask``/``loss_mask``
+    ``[N, L]`` int64, ``L`` = the longest example); each example's own loss mask covers its whole sequence."""
+    return Experience.from_sequences([[] for _ in examples], [e["input_ids"] for e in examples],
+                                     [e["loss_mask"] for e in examples], pad_id)

@@ -1,0 +1,109 @@
+"""The FSDP2 backend (``learner.backend=fsdp2``): one model under ``fully_shard`` per decoder layer and the root, over
+a 1-D device mesh of the process group.
+
+On GPU with a half-precision ``model.dtype``, parameters stay fp32 and shards compute in that dtype with fp32
+gradient reduction (``MixedPrecisionPolicy``); ``CPUOffloadPolicy`` keeps parameters (and, when trainable,
+gradients and optimizer state) on CPU. Full weights come from the sharded ``get_model_state_dict``, one
+``DTensor.full_tensor()`` at a time; the sharded checkpoint is ``torch.distributed.checkpoint`` (DCP) of the model
+and optimizer state dicts, which reloads at any world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from research_rl.config.schema import LearnerConfig
+
+
+class FSDP2Backend:
+    """One model of one rank under FSDP2 (the ``research_rl.learner.backend.Backend`` interface).
+
+    Args:
+        model: the HF model, float32 on CPU; sharded in place and moved to ``device`` (unless offloaded).
+        cfg: ``learner.*`` (lr, betas, weight_decay, grad_clip, cpu_offload).
+        rank, world_size: position in the process group (joined already).
+        device: ``cpu`` or ``cuda``. param_dtype: compute dtype on GPU.
+        trainable: build a torch AdamW over the shards; offload follows ``cfg.cpu_offload``.
+        offload: a frozen model's parameters stay on CPU between passes (ignored when ``trainable``).
+    """
+
+    name = "fsdp2"
+
+    def __init__(self, model: torch.nn.Module, cfg: LearnerConfig, rank: int, world_size: int, device: torch.device,
+                 param_dtype: torch.dtype, trainable: bool, offload: bool = False):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.mesh = init_device_mesh(device.type, (world_size,))
+        offload = cfg.cpu_offload if trainable else offload
+        kwargs = {"mesh": self.mesh}
+        if device.type == "cuda" and param_dtype != torch.float32:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        if offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+        for layer in model.model.layers:
+            fully_shard(layer, **kwargs)
+        fully_shard(model, **kwargs)  # moves what it shards to the mesh's device (or keeps it on CPU to offload)
+        self.module = model
+        self.optimizer = (torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                            weight_decay=cfg.weight_decay) if trainable else None)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        loss.backward()  # FSDP2 reduce-scatters each layer's gradients as its backward ends
+
+    def step(self) -> tuple[float, bool]:
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
+        if math.isfinite(norm):
+            self.optimizer.step()
+        return norm, math.isfinite(norm)
+
+    @contextlib.contextmanager
+    def in_use(self):
+        yield  # CPUOffloadPolicy brings offloaded shards to the device per layer itself
+
+    def full_tensors(self, skip: set[str]) -> Iterator[tuple[str, torch.Tensor | None]]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        from torch.distributed.tensor import DTensor
+
+        for name, t in get_model_state_dict(self.module).items():  # sharded: one DTensor each, canonical names
+            if name in skip:
+                continue
+            if isinstance(t, DTensor):
+                if t.device.type != self.mesh.device_type:  # an offloaded shard: gather on the mesh's device
+                    t = t.to(self.mesh.device_type)
+                t = t.full_tensor()
+            yield name, (t.detach().cpu() if self.rank == 0 else None)
+
+    def info(self) -> dict:
+        return {"backend": self.name, "world_size": self.world_size}
+
+    def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        return {"model": model_sd, "optimizer": optim_sd}
+
+    def save(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._state(), checkpoint_id=str(path / "dcp"))
+
+    def load(self, path: Path, saved: dict) -> None:
+        """Restore model and optimizer from ``save``'s DCP under ``path``, at any world size (DCP reshards)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
