@@ -332,3 +332,58 @@ def test_only_the_deepspeed_backend_imports_deepspeed():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_log_probs_at_the_sampling_temperature_equal_the_engines(learner, debug_model_dir, tokenizer):
+    """At T = 0.7 the learner scores tokens under logits / T, the distribution the engine sampled them from: its
+    log-probs of a sampled response equal the engine's at T = 0.7 and differ from T = 1 (where nothing changes)."""
+    from research_rl.rollout.agent_loop import SamplingParams
+    from research_rl.rollout.hf_engine import HFEngine
+
+    learner.load_policy(str(debug_model_dir))
+    engine = HFEngine(str(debug_model_dir), tokenizer)
+    prompt = tokenizer.encode("User: Where is Nissedal?", add_special_tokens=False)
+    out = engine.generate([prompt], [12], SamplingParams(temperature=0.7, seed=5))[0]
+    seq = prompt + out.token_ids
+    ids = torch.tensor([seq])
+    mask = torch.zeros_like(ids)
+    mask[0, len(prompt):] = 1
+    exp = Experience(ids, torch.ones_like(ids), mask, temperature=0.7)
+    lp = learner.compute_log_probs(exp)[0, len(prompt) - 1:]  # position t scores token t+1
+    torch.testing.assert_close(lp, engine.log_probs(seq, temperature=0.7)[len(prompt) - 1:], rtol=0, atol=2e-5)
+    at_one = learner.compute_log_probs(exp.replace(temperature=1.0))[0, len(prompt) - 1:]
+    torch.testing.assert_close(at_one, engine.log_probs(seq)[len(prompt) - 1:], rtol=0, atol=2e-5)
+    assert (lp - at_one).abs().max() > 1e-3
+    # entropy at the temperature too: the update's actor/entropy changes with it
+    sharp = learner.update(exp.replace(advantages=torch.zeros(1), temperature=0.5))["actor/entropy"]
+    learner.load_policy(str(debug_model_dir))
+    flat = learner.update(exp.replace(advantages=torch.zeros(1), temperature=2.0))["actor/entropy"]
+    assert sharp < flat
+
+
+def test_reference_loss_aggregation_is_a_mean_of_micro_batch_means(learner, debug_model_dir):
+    """``algo.loss_agg=reference``: with 2 micro-batches of 2 rows whose loss-token counts differ (30+22 and 30+30),
+    the loss is 1/2 · mean_mb1 + 1/2 · mean_mb2 (each micro-batch's share of the rank's rows), not the token-mean
+    over all 112 tokens; so, unlike token_mean, it changes with the micro-batch size (no invariance by
+    construction). Checked against the per-row pg terms computed by hand (ratio 1, so pg = -A per token)."""
+    batch = _batch(seed=3).replace(advantages=torch.tensor([1.0, -2.0, 0.5, 3.0]))
+    tokens = batch.loss_mask[:, 1:].sum(dim=1).float()  # [30, 22, 30, 30]
+    assert tokens.tolist() == [30.0, 22.0, 30.0, 30.0]
+    adv = batch.advantages
+    expect = {"token_mean": float(-(adv * tokens).sum() / tokens.sum()),
+              "reference": float(0.5 * -(adv[:2] * tokens[:2]).sum() / tokens[:2].sum()
+                                 + 0.5 * -(adv[2:] * tokens[2:]).sum() / tokens[2:].sum())}
+    assert abs(expect["token_mean"] - expect["reference"]) > 0.05
+    got = {}
+    algo, size0 = learner.algo, learner.cfg.micro_batch_size
+    for agg in ("token_mean", "reference"):
+        for size in (2, 4):
+            learner.cfg.micro_batch_size = size
+            learner.algo = AlgoConfig(kl_coef=0.0, entropy_coef=0.0, loss_agg=agg)
+            learner.load_policy(str(debug_model_dir))
+            got[agg, size] = learner.update(batch)["actor/pg_loss"]
+    learner.algo, learner.cfg.micro_batch_size = algo, size0
+    assert got["token_mean", 2] == pytest.approx(expect["token_mean"], abs=1e-5)
+    assert got["token_mean", 4] == pytest.approx(expect["token_mean"], abs=1e-5)
+    assert got["reference", 2] == pytest.approx(expect["reference"], abs=1e-5)
+    assert got["reference", 4] == pytest.approx(expect["token_mean"], abs=1e-5)  # one micro-batch: its own mean

@@ -13,7 +13,10 @@ parameters as the reference variant (1 rank, FSDP2, fixed micro-batches of 4):
 
 The PPO variants (2 mini-batches × 2 epochs: four optimizer steps clipped against the log-probs recorded before
 the first) are compared with their own 1-rank FSDP2 run the same way: 2 ranks × half batch = 1 rank, and ZeRO-3
-with a token budget = FSDP2, since every mini-batch holds the same trajectories at any world size.
+with a token budget = FSDP2, since every mini-batch holds the same trajectories at any world size. So are the
+``algo.loss_agg=reference`` variants (each micro-batch's masked mean weighted by its share of the rank's rows,
+averaged over ranks): with micro-batches of 2 rows, 2 ranks × half batch = 1 rank and ZeRO-2 = FSDP2. That
+aggregation is not invariant to the micro-batch size or a token budget, by construction (tests/test_learner.py).
 
 Tolerances (float32 on CPU; only the summation order differs between variants): log-probs on scored positions
 within 1e-5; loss, KL, entropy and gradient norm within 1e-4 relative; parameters after one AdamW step (lr 1e-3)
@@ -38,6 +41,8 @@ PROMPT = 6
 BASE = "fsdp2_mb4"
 PPO_BASE = "fsdp2_ppo"
 PPO = dict(ppo_mini_batch_size=4, ppo_epochs=2)  # 8 trajectories: 2 mini-batches × 2 epochs = 4 optimizer steps
+REF_BASE = "fsdp2_refagg"
+REF_AGG = dict(loss_agg="reference")  # each rank's micro-batches of 2 rows: the same micro-batches at 1 and 2 ranks
 CHECKPOINTED = ("fsdp2_mb4", "zero2_mb4", "zero3_tokens64")  # saved at 2 ranks; resumed; exported
 # name -> learner settings; every variant runs at world sizes 1 and 2
 VARIANTS = {
@@ -54,6 +59,8 @@ VARIANTS = {
                            ref_offload=True),
     "fsdp2_ppo": dict(backend="fsdp2", micro_batch_size=2, algo=PPO),
     "zero3_ppo": dict(backend="deepspeed", zero_stage=3, micro_batch_size=4, max_tokens_per_micro_batch=64, algo=PPO),
+    "fsdp2_refagg": dict(backend="fsdp2", micro_batch_size=2, algo=REF_AGG),
+    "zero2_refagg": dict(backend="deepspeed", zero_stage=2, micro_batch_size=2, algo=REF_AGG),
 }
 
 
@@ -173,7 +180,8 @@ def results(debug_model_dir, tmp_path_factory):
 
 
 def _baseline(name: str) -> str:
-    return PPO_BASE if "algo" in VARIANTS[name] else BASE
+    algo = VARIANTS[name].get("algo", {})
+    return PPO_BASE if "ppo_epochs" in algo else REF_BASE if algo.get("loss_agg") == "reference" else BASE
 
 
 CASES = [(world, name) for world in (1, 2) for name in VARIANTS if (world, name) != (1, _baseline(name))]

@@ -14,7 +14,9 @@ is rows ``i*G .. i*G+G-1``, ``G`` = ``rollout.group_size``); sequences are right
 
 and per row, for the driver's metrics and rollout dumps (never read by the learner): ``question_ids``,
 ``rewards`` (``[N]`` float32 scores), ``reward_reasons``, ``finish_reasons`` (``eos | length | max_turns``),
-``num_searches``; and ``policy_version``, the learner step whose weights generated the batch.
+``num_searches``; ``policy_version``, the learner step whose weights generated the batch; and ``temperature``, the
+sampling temperature: log-probs and entropy are computed from ``logits / temperature``, the distribution the
+tokens were sampled from (the reference's ``dp_actor`` does the same).
 
 ``shard(n)`` cuts ``n`` equal row slices as copies: a pickled view carries its whole storage, so a view of the
 batch sent to each of ``n`` ranks would ship the whole batch ``n`` times.
@@ -50,6 +52,7 @@ class Experience:
     finish_reasons: list[str] = field(default_factory=list)
     num_searches: list[int] = field(default_factory=list)
     policy_version: int = 0
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         n, width = self.input_ids.shape

@@ -263,6 +263,10 @@ class AlgoConfig:
     adv_eps: float = 1e-6  # added to the group std of the rewards (advantage 0 for equal rewards)
     ppo_epochs: int = 1  # passes over each batch; >1 (or mini-batches) clips against recomputed old log-probs
     ppo_mini_batch_size: int = 0  # trajectories per optimizer step, all ranks; 0 = the whole batch (one step)
+    # token_mean: sum over the step's loss tokens / their count (all micro-batches and ranks; verl's token-mean);
+    # reference: the authors' fork, each micro-batch's own masked mean weighted by its share of the rank's
+    # trajectories, averaged over ranks (docs/concepts.md#grpo)
+    loss_agg: str = "token_mean"
 
     def __post_init__(self) -> None:
         _positive("algo.clip_eps", self.clip_eps)
@@ -272,6 +276,7 @@ class AlgoConfig:
         _positive("algo.adv_eps", self.adv_eps)  # std + eps: 0 divides by zero in a group with equal rewards
         _number("algo.ppo_epochs", self.ppo_epochs, 1)
         _positive("algo.ppo_mini_batch_size", self.ppo_mini_batch_size, allow_zero=True)
+        _one_of("algo.loss_agg", self.loss_agg, ("token_mean", "reference"))
 
 
 @dataclass

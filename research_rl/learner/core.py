@@ -137,16 +137,30 @@ class Learner:
         return group.all_reduce(values, self.world_size, self.device)
 
     # ================================================================ updates
-    def _accumulate(self, exp: Experience, loss_fn) -> tuple[dict[str, float], float]:
+    def _accumulate(self, exp: Experience, loss_fn, loss_agg: str = "token_mean") -> tuple[dict[str, float], float]:
         """Forward and backward every micro-batch of ``exp``; ``loss_fn(mb, num_tokens)`` returns the micro-batch's
-        loss and its detached metric terms (each a share of the global token-mean). Returns the metric sums and
-        the global number of loss tokens."""
+        loss and its detached metric terms, each ``sum over the micro-batch's loss tokens / num_tokens``. Returns
+        the metric sums and the global number of loss tokens.
+
+        ``loss_agg`` picks ``num_tokens`` per micro-batch:
+
+        - ``token_mean``: the step's global token count over the world size (the backends average gradients over
+          ranks), so the sum over micro-batches and ranks is the token-mean of the whole step, whatever the
+          micro-batching or the number of ranks.
+        - ``reference`` (the authors' fork): the micro-batch's own token count × (rank's rows / micro-batch's
+          rows), i.e. its masked mean weighted by its share of the rank's trajectories, then averaged over ranks.
+          Invariant to the number of ranks when every rank's micro-batches have the same rows; not to micro-batch
+          size or the token budget (a mean of means weighs the tokens of short micro-batches more).
+        """
         global_tokens = self._all_reduce([float(exp.loss_mask[:, 1:].sum())])[0]
         num_tokens = max(global_tokens / self.world_size, 1e-8)  # the backends average gradients over ranks
         plan = self._plan(exp)
         sums: dict[str, float] = {}
         for i, rows in enumerate(plan):
-            loss, terms = loss_fn(micro_batch(exp, rows or [0]), num_tokens)
+            mb = micro_batch(exp, rows or [0])
+            if loss_agg == "reference":
+                num_tokens = max(float(mb.loss_mask[:, 1:].sum()), 1.0) * len(exp) / len(rows or [0])
+            loss, terms = loss_fn(mb, num_tokens)
             weight = 0.0 if rows is None else 1.0  # a padding pass keeps the ranks' collectives in step
             self.policy.backward(loss * weight, last=i == len(plan) - 1)
             for k, v in terms.items():
@@ -176,7 +190,7 @@ class Learner:
     def _optimizer_step(self, exp: Experience) -> dict[str, float]:
         """One GRPO optimizer step over ``exp`` (micro-batched); this rank's unreduced ``actor/*`` metrics."""
         self.policy.zero_grad()
-        sums, num_tokens = self._accumulate(exp, self._grpo_loss)
+        sums, num_tokens = self._accumulate(exp, self._grpo_loss, self.algo.loss_agg)
         grad_norm, applied = self.policy.step()
         metrics = {f"actor/{k}": v for k, v in sums.items()}
         metrics.update({"actor/grad_norm": grad_norm, "actor/lr": self.policy.optimizer.param_groups[0]["lr"],

@@ -89,6 +89,7 @@ def token_log_probs(model: torch.nn.Module, mb: Experience, device: torch.device
     of ``[n, l, d]``. In a ReSearch trajectory most positions are prompt and inserted ``<result>`` passages, so
     this skips most of the vocabulary projection, the log-softmax and their backward (a generalisation of
     transformers' ``logits_to_keep``). The values at the scored positions are those of the full forward.
+    Logits are divided by ``mb.temperature`` first (the sampling distribution; nothing is divided at 1).
 
     Args:
         model: the wrapped model (a DeepSpeed engine's HF model is its ``.module``).
@@ -115,6 +116,8 @@ def token_log_probs(model: torch.nn.Module, mb: Experience, device: torch.device
         logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=0).logits[0]  # [K, V]
     finally:
         handle.remove()
+    if mb.temperature != 1.0:
+        logits = logits / mb.temperature
     log_probs = torch.zeros((n, width - 1), dtype=torch.float32, device=device)
     log_probs = log_probs.masked_scatter(scored, grpo.log_probs_from_logits(logits, ids[:, 1:][scored]).float())
     entropy = None

@@ -135,10 +135,13 @@ class HFEngine:
         return results
 
     @torch.no_grad()
-    def log_probs(self, sequence: Sequence[int]) -> torch.Tensor:
-        """Log-probs of tokens 1..L-1 of one sequence under the engine's weights, float32 ``[L-1]``."""
+    def log_probs(self, sequence: Sequence[int], temperature: float = 1.0) -> torch.Tensor:
+        """Log-probs of tokens 1..L-1 of one sequence under the engine's weights at sampling temperature
+        ``temperature`` (``log_softmax(logits / temperature)``), float32 ``[L-1]``."""
         ids = torch.tensor([list(sequence)], dtype=torch.long, device=self.device)
         logits = self.model(input_ids=ids).logits[0, :-1].float()
+        if temperature != 1.0:
+            logits = logits / temperature
         return torch.log_softmax(logits, dim=-1).gather(-1, ids[0, 1:, None]).squeeze(-1).cpu()
 
     @torch.no_grad()
