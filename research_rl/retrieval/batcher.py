@@ -229,9 +229,10 @@ class SearchBatcher:
                     out[i] = passages
         finally:
             self._latencies_ms.append((time.perf_counter() - start) * 1000)
-        failed = [r for r in out if isinstance(r, RetrievalError)]
-        if failed:
-            self._count(errors=1, rejected=sum(isinstance(r, QueryRejected) for r in failed))
+        rejected = sum(isinstance(r, QueryRejected) for r in out)
+        failed = sum(isinstance(r, RetrievalError) for r in out) - rejected
+        if failed or rejected:
+            self._count(errors=int(failed > 0), rejected=rejected)
         return out  # type: ignore[return-value]
 
     def _take_batch(self) -> list[tuple[str, int]]:
@@ -347,7 +348,8 @@ class SearchBatcher:
             ``requests`` and ``queries`` received, ``cache_hit_rate`` (cache or in-flight hits / non-empty queries,
             0-1),
             ``batches`` (backend calls), ``batch_size`` (mean distinct queries per backend call), ``errors``
-            (requests with at least one failed query), ``rejected`` (queries refused as unsearchable), ``p50_ms`` / ``p99_ms`` (request latency, arrival to answer, ms),
+            (requests the backend failed on, for at least one query), ``rejected`` (queries refused as unsearchable:
+            the client's fault, not an error of the service), ``p50_ms`` / ``p99_ms`` (request latency, arrival to answer, ms),
             ``latencies_ms`` (the samples, for merging replicas with ``merge_stats``), ``cache_entries``.
         """
         w, lat = dict(self._window), list(self._latencies_ms)
