@@ -287,6 +287,71 @@ def test_timeout_gives_none_and_the_actor_keeps_serving(ray_cluster, bm25_index,
 
 
 @pytest.mark.ray
+@pytest.mark.reliability
+def test_an_unsearchable_query_costs_its_trajectory_one_failed_search_not_the_call(ray_cluster, bm25_index,
+                                                                                   questions):
+    """The actor answers None for a lone surrogate and passages for the call's other queries; RetrieverClient passes
+    that through (the agent loop then writes ``search failed`` for that trajectory alone)."""
+    ray = ray_cluster
+    (actor,) = _start(ray, bm25_index)
+    try:
+        out = ray.get(actor.search.remote([questions[0], "\ud800", "", questions[1]]))
+        assert out[1] is None and out[2] == [] and [len(out[0]), len(out[3])] == [3, 3]
+        via_client = RetrieverClient([actor], timeout_s=30).search([questions[0], "x \udfff"], 3)
+        assert _ids(via_client[:1]) == _ids(out[:1]) and via_client[1] is None
+        assert ray.get(actor.stats.remote())["rejected"] == 2
+    finally:
+        ray.kill(actor)
+
+
+@pytest.mark.unit
+def test_http_client_never_sends_unsearchable_text():
+    """Nothing listens on the URL: a call of only unsearchable queries answers None without a request (no
+    connection error logged), and a call with a real query tries the service."""
+    from helpers import free_port
+
+    client = RetrieverClient(url=f"http://127.0.0.1:{free_port()}", timeout_s=2)
+    t0 = time.perf_counter()
+    assert client.search(["\ud800", "a\udfff"], 3) == [None, None] and client._session is None
+    assert time.perf_counter() - t0 < 0.5
+    assert client.search(["fine"], 3) == [None] and client._session is not None
+
+
+@pytest.mark.ray
+@pytest.mark.reliability
+def test_one_of_two_replicas_killed_mid_call_costs_only_its_chunk(ray_cluster, bm25_index, questions):
+    """Two replicas split a call; replica 0 dies while its chunk waits in its batcher: its queries get None
+    (``search failed``), replica 1's chunk gets passages, and after the restart every query is served again."""
+    ray = ray_cluster
+    replicas = _start(ray, bm25_index, num_replicas=2, max_wait_ms=1500, max_restarts=1)
+    client = RetrieverClient(replicas, timeout_s=60)
+    try:
+        out: list = []
+        call = threading.Thread(target=lambda: out.extend(client.search(questions[20:24], 3)))
+        call.start()
+        deadline = time.time() + 30
+        while ray.get(replicas[0].stats.remote(reset=False))["requests"] == 0:
+            assert time.time() < deadline, "the call never reached replica 0"
+            time.sleep(0.05)
+        ray.kill(replicas[0], no_restart=False)
+        call.join(timeout=60)
+        assert out[:2] == [None, None] and [len(r) for r in out[2:]] == [3, 3]
+        deadline = time.time() + 120
+        while True:
+            try:
+                assert ray.get(replicas[0].ready.remote(), timeout=120) is True
+                break
+            except ray.exceptions.ActorUnavailableError:
+                assert time.time() < deadline, "replica 0 did not restart within 120 s"
+                time.sleep(0.5)
+        assert [len(r) for r in client.search(questions[20:24], 3)] == [3, 3, 3, 3]
+    finally:
+        for r in replicas:
+            ray.kill(r)
+
+
+@pytest.mark.ray
+@pytest.mark.reliability
 def test_actor_killed_mid_rollout_restarts_and_the_trajectory_goes_on(ray_cluster, bm25_index, tokenizer,
                                                                      questions):
     """A replica dies while a rollout's search is in flight (held in the batcher for 2 s): the in-flight
