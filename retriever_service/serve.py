@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-wait-ms", type=float, default=0.0,
                         help="extra wait for a batch to fill, ms (0: send when the backend is free)")
     parser.add_argument("--cache-size", type=int, default=65536, help="LRU cache entries (0 = off)")
-    parser.add_argument("--max-batch-chars", type=int, default=16384,
+    parser.add_argument("--max-batch-chars", type=int, default=8192,
                         help="query characters per backend call: a large request is served in slices this big, "
                              "interleaved with other clients' queries")
     for name, default in (*vars(Limits()).items(), *vars(ConnectionLimits()).items()):

@@ -95,7 +95,7 @@ class SearchBatcher:
     """
 
     def __init__(self, backend: BackendFn, max_batch_size: int = 256, max_wait_ms: float = 0.0,
-                 cache_size: int = 65536, max_latency_samples: int = 100_000, max_batch_chars: int = 16384):
+                 cache_size: int = 65536, max_latency_samples: int = 100_000, max_batch_chars: int = 8192):
         """Args:
             backend: ``(queries, k) -> list of top-k passage lists``, in input order (``Retriever.search``). It
                 raises ``ValueError`` for a query it refuses, anything else for a failure of its own.
@@ -107,7 +107,7 @@ class SearchBatcher:
             max_latency_samples: request latencies kept between two ``stats(reset=True)`` calls (oldest dropped).
             max_batch_chars: most characters (normalised query text) per backend call (>= 1); a batch always takes
                 at least one query. BM25 time grows with query length (~4-22 µs per character on 2 cores), so this
-                bounds how long one batch holds the owner thread: 16,384 characters is at most ~0.4 s.
+                bounds how long one batch holds the owner thread: 8,192 characters is at most ~0.2 s.
 
         Raises:
             ValueError: a limit out of range (the message names it).
