@@ -43,6 +43,14 @@ Run it offline from the repository root; about 5 minutes at the defaults on an i
 
 The index is built with ``python -m retriever_service.build_index`` when ``--index`` holds none (or a stale one) of
 ``--corpus``. Exit status 1 when a system could not be run (the others are still measured and printed).
+
+``--stall`` measures something else (docs/reliability.md): the worst latency of a normal client (a closed loop of
+single distinct questions over HTTP) while one maximal request is served beside it -- ``--stall-queries`` queries of
+4,096 characters of corpus words (64: the default ``--max-request-chars``), distinct every run. It runs the service
+once as configured by default (slices of ``--max-batch-chars`` 8,192) and once with slicing off (``--max-batch-chars``
+as large as the request), and prints both; about 1 minute::
+
+    RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 .venv/bin/python bench/retriever.py --stall [--stall-queries 64]
 """
 
 import argparse
@@ -392,6 +400,60 @@ def run_http_service(args) -> list[Row]:
             print(f"  server exit status {proc.returncode}{_tail(log_path)}", flush=True)
 
 
+def run_stall(args) -> int:
+    """``--stall``: a normal client's latency beside one maximal request, with and without slicing (docstring)."""
+    import random
+    import threading
+
+    words = " ".join(json.loads(line)["contents"] for line in open(args.corpus) if line.strip()).split()
+    rng = random.Random(time.time_ns())
+    questions = load_questions(Path(args.data))
+    chars = args.stall_queries * 4096
+    cases = [("sliced (default --max-batch-chars 8192)", []),
+             (f"not sliced (--max-batch-chars {chars})", ["--max-batch-chars", str(chars)])]
+    print(f"one request of {args.stall_queries} x 4,096 characters ({chars:,}) beside a closed-loop client of single "
+          f"questions; {os.cpu_count()} CPUs")
+    for label, extra in cases:
+        port = free_port()
+        cmd = [sys.executable, "-m", "retriever_service.serve", "--index", args.index, "--port", str(port),
+               "--threads", str(args.threads), "--max-request-chars", str(max(chars, 262144)), *extra]
+        with tempfile.NamedTemporaryFile("w", prefix="bench-stall-", suffix=".log", delete=False) as log:
+            log_path = log.name
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(url, lambda: proc.poll() is None, args.startup_timeout, log_path)
+
+            def post(queries: list[str], timeout: float = 300) -> float:
+                body = json.dumps({"queries": queries, "topk": TOP_K}).encode()
+                req = urllib.request.Request(f"{url}/retrieve", data=body, headers={"Content-Type": "application/json"})
+                t0 = time.perf_counter()
+                with urllib.request.urlopen(req, timeout=timeout) as r:
+                    if r.status != 200 or len(json.loads(r.read())["result"]) != len(queries):
+                        raise RuntimeError(f"HTTP {r.status} from {url}/retrieve")
+                return time.perf_counter() - t0
+
+            for i in range(20):  # warm-up: JIT, connection
+                post([f"{questions[i]} warm-up"])
+            big = [" ".join(rng.choice(words) for _ in range(900))[:4096] for _ in range(args.stall_queries)]
+            big_s: list[float] = []
+            thread = threading.Thread(target=lambda: big_s.append(post(big)))
+            thread.start()
+            latencies, n = [], 0
+            while thread.is_alive() and n < 100_000:
+                latencies.append(post([f"{questions[n % len(questions)]} {n}"]))
+                n += 1
+            thread.join()
+            lat = np.asarray(latencies) * 1000
+            print(f"  {label:<42} large request {big_s[0]:6.2f} s; normal client: {len(lat)} requests, "
+                  f"p50 {np.percentile(lat, 50):7.1f} ms, p99 {np.percentile(lat, 99):7.1f} ms, "
+                  f"worst {lat.max():7.1f} ms", flush=True)
+        finally:
+            stop_process(lambda: proc.send_signal(signal.SIGINT), proc.kill, lambda t: proc.wait(t))
+    return 0
+
+
 def stop_process(terminate, kill, wait) -> None:
     terminate()
     try:
@@ -672,6 +734,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--retries", type=int, default=2,
                    help="measure a level again when other processes used >= 0.25 cores meanwhile, at most this often")
     p.add_argument("--json", default=None, help="also write the rows and goal checks here as JSON")
+    p.add_argument("--stall", action="store_true",
+                   help="measure a normal client's worst latency beside one maximal request instead (docstring)")
+    p.add_argument("--stall-queries", type=int, default=64, help="queries of 4,096 characters in that request")
     p.add_argument("--quick", action="store_true",
                    help="smoke run (~1.5 min): 2 s per level, short warm-ups; too short for the JIT to settle, so its "
                         "figures do not judge the goals")
@@ -697,6 +762,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
     ensure_index(args)
+    if args.stall:
+        return run_stall(args)
     stream = query_stream(args)
     print(f"index {args.index}; BM25 top-{TOP_K}; queries: {len(stream.questions)} distinct questions, then "
           f"question + title variants over {len(stream.titles):,} titles (never repeated within a server)")

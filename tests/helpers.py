@@ -27,21 +27,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(index: Path, *args: str) -> tuple[subprocess.Popen, str]:
+def start_server(index: Path, *args: str, log: Path | None = None) -> tuple[subprocess.Popen, str]:
     """``python -m retriever_service.serve --index INDEX`` on a free loopback port; returns (process, base URL) once
-    ``GET /health`` answers 200. The caller terminates the process."""
+    ``GET /health`` answers 200. The caller terminates the process. With ``log``, the server's output goes to that
+    file (a server that logs much would otherwise block on a full pipe nobody reads)."""
     import requests
 
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = open(log, "w") if log is not None else subprocess.PIPE
     proc = subprocess.Popen([sys.executable, "-m", "retriever_service.serve", "--index", str(index), "--port",
-                             str(port), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             str(port), *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                             text=True)
+    if log is not None:
+        out.close()  # the child holds its own copy
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read()}")
+            output = log.read_text() if log is not None else proc.stdout.read()
+            raise RuntimeError(f"server exited with {proc.returncode}: {output}")
         try:
             if requests.get(f"{url}/health", timeout=1).status_code == 200:
                 return proc, url

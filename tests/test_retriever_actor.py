@@ -17,7 +17,8 @@ from research_rl.rollout.agent_loop import SEARCH_FAILED_OBSERVATION, AgentLoop,
 from research_rl.config.schema import RetrieverConfig
 from research_rl.retrieval.index import Passage
 from research_rl.retrieval.client import RetrieverClient
-from research_rl.retrieval.batcher import RetrievalError, SearchBatcher, merge_stats, normalize_query
+from research_rl.retrieval.batcher import (
+    QueryRejected, RetrievalError, SearchBatcher, check_query, merge_stats, normalize_query)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,20 +102,90 @@ def test_batcher_caches_bounded_lru_and_respects_max_batch_size():
 
 
 @pytest.mark.unit
-def test_batcher_backend_failure_fails_that_batch_only():
+def test_batcher_a_query_the_backend_refuses_fails_alone():
+    """The backend raises on any batch holding "bad": the batch is searched again query by query, so only "bad"
+    fails (QueryRejected: the backend raised ValueError for it alone), and a repeat of it never reaches the backend."""
     backend = RecordingBackend(fail_on="bad")
 
     async def run():
         b = SearchBatcher(backend, max_wait_ms=20)
-        results = await asyncio.gather(b.search(["bad"], 1), b.search(["fine"], 1), return_exceptions=True)
-        after = await b.search(["fine", "other"], 1)  # the batcher keeps serving; nothing of the failure was cached
-        return results, after, b.stats()
+        results = await asyncio.gather(b.search(["bad"], 1), b.search(["fine"], 1), b.search_each(["x", "BAD"], 1),
+                                       return_exceptions=True)
+        n = len(backend.batches)
+        again = await b.search_each(["bad"], 1)  # remembered: refused without a backend call
+        assert len(backend.batches) == n
+        after = await b.search(["fine", "other"], 1)  # served; "fine" from the cache
+        return results, again, after, b.stats()
 
-    (err, also_err), after, stats = asyncio.run(run())
-    assert isinstance(err, RetrievalError) and "cannot search 'bad'" in str(err) and "batch of 2" in str(err)
-    assert isinstance(also_err, RetrievalError)  # same batch
+    (err, fine, each), (again,), after, stats = asyncio.run(run())
+    assert isinstance(err, QueryRejected) and "cannot search 'bad'" in str(err)
+    assert _ids(fine) == [["fine#0"]]  # same batch as "bad", answered
+    assert _ids(each[:1]) == [["x#0"]] and isinstance(each[1], QueryRejected)  # per query, in position
+    assert isinstance(again, QueryRejected)
+    # batch ["bad", "fine", "x"] failed, then each query alone: 1 + 3 backend calls; then "other"
+    assert backend.batches[:4] == [["bad", "fine", "x"], ["bad"], ["fine"], ["x"]] and backend.batches[4:] == [["other"]]
     assert _ids(after) == [["fine#0"], ["other#0"]]
-    assert stats["errors"] == 2
+    assert stats["errors"] == 0 and stats["rejected"] == 3  # 3 requests each lost their one bad query
+
+
+@pytest.mark.unit
+def test_batcher_rejects_unsearchable_text_up_front_and_keeps_blank_queries_empty():
+    backend = RecordingBackend()
+
+    async def run():
+        b = SearchBatcher(backend)
+        return await b.search_each(["who?", "\ud800", "", "   ", "a\udfffb"], 1)
+
+    out = asyncio.run(run())
+    assert _ids(out[:1]) == [["who?#0"]] and out[2] == [] and out[3] == []
+    assert isinstance(out[1], QueryRejected) and "lone surrogate '\\ud800' at position 0" in str(out[1])
+    assert isinstance(out[4], QueryRejected) and "position 1" in str(out[4])
+    assert backend.batches == [["who?"]]  # neither surrogate query reached the backend
+    assert check_query("plain text, ünïcode, 😀") is None
+
+
+@pytest.mark.unit
+def test_batcher_backend_failure_is_a_retrieval_error_per_query_and_not_cached():
+    """A backend that raises something other than ValueError fails (RetrievalError, not QueryRejected) only the
+    query it fails on; nothing of the failure is cached."""
+    calls = []
+
+    def backend(queries, k):
+        calls.append(list(queries))
+        if "down" in queries:
+            raise OSError("index file vanished")
+        return [[Passage(q, q, 1.0)] for q in queries]
+
+    async def run():
+        b = SearchBatcher(backend, max_wait_ms=20)
+        out = await asyncio.gather(b.search(["down"], 1), b.search(["up"], 1), return_exceptions=True)
+        return out, await b.search_each(["down"], 1)
+
+    (err, up), (again,) = asyncio.run(run())
+    assert type(err) is RetrievalError and "index file vanished" in str(err) and _ids(up) == [["up"]]
+    assert type(again) is RetrievalError and calls[-1] == ["down"]  # searched again: a failure is not remembered
+
+
+@pytest.mark.unit
+def test_batcher_slices_a_large_request_and_interleaves_other_callers():
+    """One request of 40 queries of 100 characters with max_batch_chars=1000: slices of 10 queries; a caller that
+    arrives meanwhile is served in the next slice, not after the whole request."""
+    backend = RecordingBackend(delay_s=0.05)
+
+    async def run():
+        b = SearchBatcher(backend, max_batch_chars=1000)
+        big = asyncio.ensure_future(b.search([f"{i:03d}" + "x" * 97 for i in range(40)], 1))
+        await asyncio.sleep(0.02)  # the first slice is running
+        small = await b.search(["small"], 1)
+        done_early = not big.done()
+        await big
+        return small, done_early
+
+    small, done_early = asyncio.run(run())
+    assert _ids(small) == [["small#0"]] and done_early
+    sizes = [len(x) for x in backend.batches]
+    assert sizes[0] == 10 and ["small"] not in backend.batches  # never alone: it rode in the second slice
+    assert "small" in backend.batches[1] and sum(sizes) == 41 and max(sum(map(len, x)) for x in backend.batches) <= 1000
 
 
 @pytest.mark.unit
@@ -129,7 +200,7 @@ def test_batcher_malformed_backend_result_fails_the_request_and_is_retried_afres
 
     async def run():
         b = SearchBatcher(backend)
-        with pytest.raises(RetrievalError, match="batch of 1 queries"):
+        with pytest.raises(RetrievalError, match="failed on the query 'q'"):
             await asyncio.wait_for(b.search(["q"], 1), 5)
         return await asyncio.wait_for(b.search(["q"], 1), 5)
 
@@ -140,6 +211,8 @@ def test_batcher_malformed_backend_result_fails_the_request_and_is_retried_afres
 def test_batcher_argument_checks_and_merge_stats():
     with pytest.raises(ValueError, match="max_batch_size"):
         SearchBatcher(RecordingBackend(), max_batch_size=0)
+    with pytest.raises(ValueError, match="max_batch_chars"):
+        SearchBatcher(RecordingBackend(), max_batch_chars=0)
     with pytest.raises(ValueError, match="top_k must be >= 1"):
         asyncio.run(SearchBatcher(RecordingBackend()).search(["x"], 0))
     assert normalize_query("  Who  IS\tX? ") == "who is x?"
@@ -214,6 +287,71 @@ def test_timeout_gives_none_and_the_actor_keeps_serving(ray_cluster, bm25_index,
 
 
 @pytest.mark.ray
+@pytest.mark.reliability
+def test_an_unsearchable_query_costs_its_trajectory_one_failed_search_not_the_call(ray_cluster, bm25_index,
+                                                                                   questions):
+    """The actor answers None for a lone surrogate and passages for the call's other queries; RetrieverClient passes
+    that through (the agent loop then writes ``search failed`` for that trajectory alone)."""
+    ray = ray_cluster
+    (actor,) = _start(ray, bm25_index)
+    try:
+        out = ray.get(actor.search.remote([questions[0], "\ud800", "", questions[1]]))
+        assert out[1] is None and out[2] == [] and [len(out[0]), len(out[3])] == [3, 3]
+        via_client = RetrieverClient([actor], timeout_s=30).search([questions[0], "x \udfff"], 3)
+        assert _ids(via_client[:1]) == _ids(out[:1]) and via_client[1] is None
+        assert ray.get(actor.stats.remote())["rejected"] == 2
+    finally:
+        ray.kill(actor)
+
+
+@pytest.mark.unit
+def test_http_client_never_sends_unsearchable_text():
+    """Nothing listens on the URL: a call of only unsearchable queries answers None without a request (no
+    connection error logged), and a call with a real query tries the service."""
+    from helpers import free_port
+
+    client = RetrieverClient(url=f"http://127.0.0.1:{free_port()}", timeout_s=2)
+    t0 = time.perf_counter()
+    assert client.search(["\ud800", "a\udfff"], 3) == [None, None] and client._session is None
+    assert time.perf_counter() - t0 < 0.5
+    assert client.search(["fine"], 3) == [None] and client._session is not None
+
+
+@pytest.mark.ray
+@pytest.mark.reliability
+def test_one_of_two_replicas_killed_mid_call_costs_only_its_chunk(ray_cluster, bm25_index, questions):
+    """Two replicas split a call; replica 0 dies while its chunk waits in its batcher: its queries get None
+    (``search failed``), replica 1's chunk gets passages, and after the restart every query is served again."""
+    ray = ray_cluster
+    replicas = _start(ray, bm25_index, num_replicas=2, max_wait_ms=1500, max_restarts=1)
+    client = RetrieverClient(replicas, timeout_s=60)
+    try:
+        out: list = []
+        call = threading.Thread(target=lambda: out.extend(client.search(questions[20:24], 3)))
+        call.start()
+        deadline = time.time() + 30
+        while ray.get(replicas[0].stats.remote(reset=False))["requests"] == 0:
+            assert time.time() < deadline, "the call never reached replica 0"
+            time.sleep(0.05)
+        ray.kill(replicas[0], no_restart=False)
+        call.join(timeout=60)
+        assert out[:2] == [None, None] and [len(r) for r in out[2:]] == [3, 3]
+        deadline = time.time() + 120
+        while True:
+            try:
+                assert ray.get(replicas[0].ready.remote(), timeout=120) is True
+                break
+            except ray.exceptions.ActorUnavailableError:
+                assert time.time() < deadline, "replica 0 did not restart within 120 s"
+                time.sleep(0.5)
+        assert [len(r) for r in client.search(questions[20:24], 3)] == [3, 3, 3, 3]
+    finally:
+        for r in replicas:
+            ray.kill(r)
+
+
+@pytest.mark.ray
+@pytest.mark.reliability
 def test_actor_killed_mid_rollout_restarts_and_the_trajectory_goes_on(ray_cluster, bm25_index, tokenizer,
                                                                      questions):
     """A replica dies while a rollout's search is in flight (held in the batcher for 2 s): the in-flight

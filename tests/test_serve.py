@@ -18,7 +18,8 @@ CORPUS = ROOT / "data/corpus/corpus.jsonl"
 pytestmark = pytest.mark.slow
 
 # small limits, so the 413 cases are cheap to send
-LIMITS = {"--max-queries": "64", "--max-query-chars": "512", "--max-top-k": "20", "--max-body-bytes": "65536"}
+LIMITS = {"--max-queries": "64", "--max-query-chars": "512", "--max-request-chars": "2048", "--max-top-k": "20",
+          "--max-body-bytes": "65536"}
 
 
 @pytest.fixture(scope="module")
@@ -106,18 +107,20 @@ BAD = [
     ("/retrieve", {"queries": ["x"], "topk": "5"}, 422, "field 'topk' must be int"),
     ("/retrieve", {"queries": ["x"], "return_scores": "yes"}, 422, "field 'return_scores' must be bool"),
     ("/retrieve", {"queries": []}, 400, "empty list"),
-    ("/retrieve", {"queries": ["fine", "   "]}, 400, "queries[1] is an empty query"),
     ("/retrieve", {"queries": ["x"], "topk": 0}, 400, "between 1 and 20, got 0"),
     ("/retrieve", {"queries": ["x"], "topk": -3}, 400, "between 1 and 20, got -3"),
     ("/retrieve", {"queries": ["x"], "topk": 21}, 400, "between 1 and 20, got 21"),
     ("/retrieve", {"queries": ["q"] * 65}, 413, "65 queries in one request; the limit is 64"),
     ("/retrieve", {"queries": ["a" * 513]}, 413, "513 characters; the limit is 512"),
+    ("/retrieve", {"queries": ["a" * 500] * 5}, 413, "2500 query characters in one request; the limit is 2048"),
     ("/retrieve", {"queries": ["x"], "pad": "p" * 70000}, 413, "the limit is 65536"),
     ("/batch_search", {"query": "who?"}, 422, "field 'query' must be list"),
-    ("/batch_search", {"query": [""]}, 400, "query[0] is an empty query"),
+    ("/batch_search", {"query": []}, 400, "field 'query' is an empty list"),
     ("/batch_search", {"query": ["x"], "top_n": 0}, 400, "between 1 and 20"),
     ("/search", {"query": ["a list"]}, 422, "field 'query' must be str"),
     ("/search", {"query": ""}, 400, "empty query"),
+    ("/search", {"query": " \t "}, 400, "empty query"),
+    ("/search", '{"query": "\\ud800"}', 400, "lone surrogate '\\ud800' at position 0"),
     ("/search", {}, 422, "missing field 'query'"),
 ]
 
@@ -129,6 +132,20 @@ def test_bad_input_is_refused_with_a_reason_and_the_server_keeps_serving(server,
     assert reason in r.json()["detail"]
     ok = _post(server, "/retrieve", {"queries": ["Who directed Ed Wood?"], "topk": 2})
     assert ok.status_code == 200 and len(ok.json()["result"][0]) == 2
+
+
+def test_blank_and_unsearchable_queries_in_a_batch_get_empty_results_in_position(server, questions):
+    """Search-R1's client sends "" when the model writes ``<search> </search>``: the batch succeeds, one result list
+    per query, [] for the blank and the unsearchable ones, and the real queries get what they get alone."""
+    alone = _post(server, "/retrieve", {"queries": questions[:2], "topk": 3}).json()["result"]
+    body = json.dumps({"queries": [questions[0], "", "   ", "@", questions[1]], "topk": 3}).replace('"@"', '"\\ud800"')
+    r = _post(server, "/retrieve", body)
+    assert r.status_code == 200, r.text
+    result = r.json()["result"]
+    assert result[1:4] == [[], [], []] and [result[0], result[4]] == alone
+    assert r.headers["x-rejected-queries"] == "3"  # the blank ones are not rejected: they have nothing to search
+    docs = _post(server, "/batch_search", {"query": ["", questions[0]], "top_n": 3}).json()
+    assert docs[0] == [] and docs[1] == alone[0]
 
 
 def test_load_64_concurrent_clients_all_answers_correct(server, questions):

@@ -238,6 +238,8 @@ class BM25Searcher:
             ``contents`` is read from the stored raw JSON document.
 
         Raises:
+            ValueError: a query cannot cross into the JVM (text that is not valid Unicode, e.g. a lone surrogate);
+                the query's fault (``SearchBatcher`` refuses it alone). The message names the first such query.
             RuntimeError: Lucene failed on a query; the message names the first failing query and the Java error.
         """
         if not queries:
@@ -246,6 +248,8 @@ class BM25Searcher:
         if len(queries) == 1:
             try:
                 return [[self._passage(hit) for hit in self._searcher.search(queries[0], k)]]
+            except UnicodeError as e:
+                raise ValueError(f"BM25 cannot search query {queries[0][:200]!r}: {e}") from e
             except Exception as e:
                 raise RuntimeError(f"BM25 search failed on query {queries[0][:200]!r}: {e}") from e
         qids = [str(i) for i in range(len(queries))]  # results come back keyed by qid: keep them unique
@@ -256,6 +260,8 @@ class BM25Searcher:
             for q in queries:
                 try:
                     self._searcher.search(q, k)
+                except UnicodeError as e:
+                    raise ValueError(f"BM25 cannot search query {q[:200]!r}: {e}") from e
                 except Exception as e:
                     raise RuntimeError(f"BM25 search failed on query {q[:200]!r}: {e}") from e
             raise RuntimeError(f"BM25 batch_search failed on {len(queries)} queries: {batch_error}") from batch_error

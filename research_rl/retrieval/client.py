@@ -5,7 +5,8 @@ slow must not lose a GRPO step. ``RetrieverClient.search`` returns ``None`` for 
 within ``timeout_s``: the actor died (it restarts; the next call succeeds), the backend raised, or the HTTP service
 was unreachable or answered an error. The agent loop then inserts the observation ``search failed``
 (``agent_loop.SEARCH_FAILED_OBSERVATION``) and the trajectory goes on; the trainer counts these in
-``retriever/errors``.
+``retriever/errors``. Failures are per query: a query that cannot be searched (``batcher.check_query``, or one
+the backend rejects) gets ``None`` alone; the call's other queries still get their passages.
 
 With several replicas, a call's queries are split into contiguous chunks, one per replica, sent concurrently. The
 remote service is spoken to in the Search-R1 ``POST /retrieve`` API (``retriever_service.serve`` or any compatible
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 
+from research_rl.retrieval.batcher import check_query
 from research_rl.retrieval.index import Passage
 
 log = logging.getLogger(__name__)
@@ -123,18 +125,32 @@ class RetrieverClient:
     def _search_http(self, queries: list[str], top_k: int) -> list[list[Passage] | None]:
         import requests
 
+        out: list[list[Passage] | None] = [None] * len(queries)
+        # a query no backend can take is never sent: it would cost the request's other queries their answer
+        send = [i for i, q in enumerate(queries) if check_query(q) is None]
+        if len(send) < len(queries):
+            log.warning("retriever %s: %d of %d queries are not valid text; they get no search", self.url,
+                        len(queries) - len(send), len(queries))
+        if not send:
+            return out
         if self._session is None:
             self._session = requests.Session()
         t0 = time.perf_counter()
         try:
-            r = self._session.post(f"{self.url}/retrieve", json={"queries": queries, "topk": top_k,
+            r = self._session.post(f"{self.url}/retrieve", json={"queries": [queries[i] for i in send], "topk": top_k,
                                                                    "return_scores": True}, timeout=self.timeout_s)
             if r.status_code != 200:
                 raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
             result = r.json()["result"]
-            return [[Passage(id=str(h["document"]["id"]), contents=h["document"]["contents"], score=float(h["score"]))
-                     for h in hits] for hits in result]
+            if len(result) != len(send):
+                raise RuntimeError(f"{len(result)} result lists for {len(send)} queries")
+            rejected = {int(i) for i in r.headers.get("x-rejected-queries", "").split(",") if i.strip()}
+            for j, (i, hits) in enumerate(zip(send, result)):
+                if j not in rejected:  # a query the service refused keeps None: "search failed", not "no results"
+                    out[i] = [Passage(id=str(h["document"]["id"]), contents=h["document"]["contents"],
+                                      score=float(h["score"])) for h in hits]
+            return out
         except (requests.RequestException, RuntimeError, KeyError, TypeError, ValueError) as e:
-            log.warning("retriever %s: %d queries failed after %.2f s: %s", self.url, len(queries),
+            log.warning("retriever %s: %d queries failed after %.2f s: %s", self.url, len(send),
                         time.perf_counter() - t0, e)
             return [None] * len(queries)

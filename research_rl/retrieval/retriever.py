@@ -89,7 +89,8 @@ class Retriever:
             One list per query, in input order, of at most ``top_k`` passages in descending score.
 
         Raises:
-            ValueError: ``top_k`` < 1.
+            ValueError: ``top_k`` < 1, or the backend refuses a query (BM25: text that is not valid Unicode); the
+                message names the query.
             RuntimeError: the backend failed on a query (the message names it).
         """
         k = self.top_k if top_k is None else int(top_k)

@@ -8,11 +8,16 @@ one owner thread, with an LRU cache. The plain cores are ``Retriever`` (retrieve
 Resources (``num_cpus``), ``max_restarts`` and replicas are set by the caller (``start_retrievers``). Restarted
 actors reopen the index in ``__init__``. In-flight calls to an actor that died fail at once (``max_task_retries=0``):
 the caller (``RetrieverClient``) turns the failure into a ``search failed`` observation instead of losing the step.
+
+Failures are per query: a query the backend rejects or fails on comes back as ``None`` in its position (one
+``search failed`` observation for that trajectory), and the call's other queries -- and every other caller's --
+get their passages (``SearchBatcher.search_each``).
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 
 import ray
 
@@ -21,6 +26,7 @@ from research_rl.retrieval.retriever import Retriever
 from research_rl.retrieval.index import Passage
 from research_rl.retrieval.batcher import SearchBatcher
 
+log = logging.getLogger(__name__)
 
 @ray.remote
 class RetrieverActor:
@@ -35,13 +41,16 @@ class RetrieverActor:
         gc.collect()
         gc.freeze()
 
-    async def search(self, queries: list[str], top_k: int | None = None) -> list[list[Passage]]:
-        """Top-k passages per query, in input order; [] for empty queries (``SearchBatcher.search``).
-
-        Raises:
-            RetrievalError: the backend failed on the batch holding these queries.
-        """
-        return await self.batcher.search(queries, self.retriever.top_k if top_k is None else top_k)
+    async def search(self, queries: list[str], top_k: int | None = None) -> list[list[Passage] | None]:
+        """Top-k passages per query, in input order; [] for empty queries; ``None`` for a query that could not be
+        searched (rejected as unsearchable, or the backend failed on it alone), logged as one warning line
+        (``SearchBatcher.search_each``)."""
+        out = await self.batcher.search_each(queries, self.retriever.top_k if top_k is None else top_k)
+        for i, r in enumerate(out):
+            if isinstance(r, Exception):
+                log.warning("retriever: query %d of %d failed: %s", i, len(out), str(r)[:300])
+                out[i] = None
+        return out
 
     async def stats(self, reset: bool = True) -> dict:
         """``SearchBatcher.stats``: the window's latency samples, hit rate, batch size, errors."""
