@@ -8,6 +8,7 @@ import socket
 import ray
 import torch
 
+from research_rl.algo.experience import Experience
 from research_rl.config.schema import AlgoConfig, LearnerConfig
 from research_rl.learner.core import learner_class, set_torch_threads
 from research_rl.roles.placement import where
@@ -22,6 +23,12 @@ def _tokenizer(path: str | None):
     return AutoTokenizer.from_pretrained(path)
 
 
+def _learner_batch(exp: Experience) -> dict[str, torch.Tensor]:
+    """The tensors ``Learner`` reads, as the dict it takes (the per-row driver fields stay behind)."""
+    names = ("input_ids", "attention_mask", "loss_mask", "advantages", "ref_log_probs", "old_log_probs")
+    return {k: getattr(exp, k) for k in names if getattr(exp, k) is not None}
+
+
 @ray.remote
 class LearnerWorker:
     def __init__(self, cfg: LearnerConfig, algo: AlgoConfig, rank: int, world_size: int, param_dtype: str,
@@ -31,6 +38,7 @@ class LearnerWorker:
         self.learner = learner_class(cfg.backend)(cfg, algo, rank, world_size, device=device,
                                                   param_dtype=getattr(torch, param_dtype),
                                                   gradient_checkpointing=gradient_checkpointing)
+        self._kept: Experience | None = None  # the shard compute_ref_log_probs(keep=True) holds for update()
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's IP and a free port, for rank 0 to host the process group."""
@@ -48,14 +56,32 @@ class LearnerWorker:
     def load_reference(self, path: str, offload: bool = False) -> None:
         self.learner.load_reference(path, offload)
 
-    def compute_log_probs(self, batch: dict, keys: tuple[str, ...] = ("old_log_probs", "ref_log_probs")) -> dict:
-        return self.learner.compute_log_probs(batch, keys)
+    def compute_ref_log_probs(self, exp: Experience, keep: bool = False) -> torch.Tensor | None:
+        """Reference log-probs of this rank's shard, ``[n, L-1]`` float32 on CPU (``Learner.compute_log_probs``).
 
-    def update(self, batch: dict) -> dict:
-        return self.learner.update(batch)
+        With ``keep`` the shard, its ``ref_log_probs`` filled in, stays on this rank for the next ``update()`` and
+        None is returned: in colocated mode the reference log-probs never leave the rank."""
+        ref = self.learner.compute_log_probs(_learner_batch(exp), ("ref_log_probs",))["ref_log_probs"]
+        if not keep:
+            return ref
+        self._kept = exp.replace(ref_log_probs=ref)
+        return None
 
-    def sft_step(self, batch: dict, lr: float) -> dict:
-        return self.learner.sft_step(batch, lr)
+    def update(self, exp: Experience | None = None) -> dict:
+        """One GRPO update on ``exp`` (this rank's shard), or on the shard kept by ``compute_ref_log_probs(...,
+        keep=True)`` when None. Returns ``actor/*`` metrics reduced over ranks (``Learner.update``).
+
+        Raises:
+            RuntimeError: no shard given and none kept.
+        """
+        if exp is None:
+            if self._kept is None:
+                raise RuntimeError("update() without a batch needs compute_ref_log_probs(shard, keep=True) first")
+            exp, self._kept = self._kept, None
+        return self.learner.update(_learner_batch(exp))
+
+    def sft_step(self, exp: Experience, lr: float) -> dict:
+        return self.learner.sft_step(_learner_batch(exp), lr)
 
     def weight_buckets(self, bucket_mb: int) -> list:
         """Full weights as ObjectRefs of buckets, each put in the object store as soon as it is gathered (rank 0;
