@@ -37,17 +37,20 @@ class Best:
     path: str
 
 
-def capture_rng() -> dict[str, list[int]]:
-    """The Python, NumPy and torch (CPU) RNG states as JSON lists."""
-    return {"python": list(random.getstate()[1]), "numpy": np.random.get_state()[1].tolist(),
+def capture_rng() -> dict[str, list[int] | int]:
+    """The Python, NumPy and torch (CPU) RNG states as JSON values (Python's state list ends with its position;
+    NumPy's position is ``numpy_pos``)."""
+    numpy_state = np.random.get_state()
+    return {"python": list(random.getstate()[1]), "numpy": numpy_state[1].tolist(), "numpy_pos": int(numpy_state[2]),
             "torch": torch.get_rng_state().tolist()}
 
 
-def restore_rng(rng: dict[str, list[int]]) -> None:
-    """Set the Python, NumPy and torch RNGs to states from ``capture_rng`` (Mersenne Twister at position 624, as
-    ``random`` and NumPy leave it after a full draw; the states saved by this code are taken there)."""
+def restore_rng(rng: dict[str, list[int] | int]) -> None:
+    """Set the Python, NumPy and torch RNGs to states from ``capture_rng``. States saved before ``numpy_pos`` was
+    recorded are restored at position 624, where ``np.random.seed`` leaves it (the driver draws nothing from NumPy)."""
     random.setstate((3, tuple(rng["python"]), None))
-    np.random.set_state(("MT19937", np.array(rng["numpy"], dtype=np.uint32), 624, 0, 0.0))
+    pos = rng["numpy_pos"] if "numpy_pos" in rng else 624
+    np.random.set_state(("MT19937", np.array(rng["numpy"], dtype=np.uint32), pos, 0, 0.0))
     torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
 
 
