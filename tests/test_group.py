@@ -3,6 +3,7 @@ pickled shard is about 1/n of the batch, where a view of the batch would carry a
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 
@@ -126,3 +127,79 @@ def test_a_failing_or_dead_rank_is_named_with_role_rank_and_method(ray_two_cpus,
     settled = group.call_settled("who", "s", timeout=30)
     assert settled[0] == (0, "s") and isinstance(settled[1], WorkerError) and settled[1].rank == 1
     group.kill()
+
+
+def _driver_roles(ray):
+    from research_rl.rollout.agent_loop import Trajectory
+
+    @ray.remote(num_cpus=0)
+    class Rollout:
+        def generate(self, prompts, sampling):
+            return [Trajectory(list(p), response_ids=[7, 8, 9], loss_mask=[1, 1, 1], finish_reason="eos",
+                               response_text="<answer> \\boxed{x} </answer>") for p in prompts]
+
+    @ray.remote(num_cpus=0)
+    class Learner:
+        def __init__(self, rank):
+            self.rank, self.kept, self.updates = rank, None, 0
+
+        def compute_ref_log_probs(self, exp, keep=False):
+            self.kept = exp
+            return None
+
+        def update(self, exp=None):
+            assert exp is None and self.kept is not None  # colocated: the shard kept by the reference pass
+            self.updates += 1
+            if self.rank == 1 and self.updates == 2:
+                os._exit(1)
+            return {"actor/loss": float(self.rank), "actor/rows": float(len(self.kept))}
+
+        def shutdown(self):
+            return None
+
+    return Rollout, Learner
+
+
+@pytest.mark.ray
+def test_the_driver_names_step_phase_role_and_rank_when_a_rank_dies(ray_two_cpus, tmp_path, capsys):
+    """The GRPO loop over real actors standing in for the roles: step 1 trains (the colocated reference keeps
+    each learner rank's shard, the update takes no batch), step 2's update kills learner rank 1, and the run stops
+    with one error naming the step, the phase, the role, the rank and the method; cleanup reports the rank it
+    cannot shut down instead of hiding it."""
+    from types import SimpleNamespace
+
+    from research_rl.config.compose import compose_config
+    from research_rl.data import PromptStream, Question
+    from research_rl.driver.metrics import MetricsLogger
+    from research_rl.driver.trainer import GRPOTrainer, TrainingError
+    from research_rl.roles.group import WorkerGroup
+
+    cfg = compose_config(["experiment=debug_cpu", f"trainer.output_dir={tmp_path}", "validation.every=0",
+                          "trainer.save_every=0", "trainer.weight_sync=false", "trainer.prompts_per_step=2",
+                          "rollout.group_size=2", "rollout.num_workers=1", "learner.num_workers=2",
+                          "trainer.total_steps=3", "trainer.max_minutes=null"])
+    trainer = GRPOTrainer(cfg)
+    questions = [Question(str(i), f"q{i}", ("x",), "musique") for i in range(4)]
+    trainer.tokenizer = SimpleNamespace(pad_token_id=0, eos_token="<|im_end|>")
+    trainer.prompt_ids = {q: [1, 2, i + 3] for i, q in enumerate(questions)}
+    trainer.stream = PromptStream(questions, seed=1, shuffle=False)
+    trainer.total_steps = 3
+    (tmp_path / "rollouts").mkdir()
+    trainer.logger = MetricsLogger(tmp_path)
+    Rollout, Learner = _driver_roles(ray_two_cpus)
+    trainer.rollout = WorkerGroup("rollout", [Rollout.remote()])
+    trainer.learners = WorkerGroup.start("learner", Learner, [{}] * 2, lambda rank: (rank,))
+    trainer.retrievers = WorkerGroup("retriever", [])
+    try:
+        with pytest.raises(TrainingError, match=r"^step 2, phase update: learner rank 1 died during update: "):
+            trainer.run()
+    finally:
+        trainer.cleanup()
+    assert "cleanup: shutting down the learner ranks failed: WorkerError: learner rank 1 died" in capsys.readouterr().err
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1]
+    assert rows[0]["actor/loss"] == 0.0 and rows[0]["actor/rows"] == 2.0  # rank 0's metrics, its half of 4 rows
+    assert {"timing/rollout", "timing/reward", "timing/advantages", "timing/logprobs", "timing/update",
+            "timing/sync"} <= set(rows[0])
+    dumped = [json.loads(line) for line in (tmp_path / "rollouts/step_000001.jsonl").read_text().splitlines()]
+    assert [d["question_id"] for d in dumped] == ["0", "0", "1", "1"]  # group order

@@ -1,5 +1,5 @@
 """One step's rollouts on the driver: the typed ``Experience`` batch built from the trajectories and their rewards,
-the ``rollout/*`` metrics and the rows of ``RUN_DIR/rollouts/step_NNNNNN.jsonl`` (``python -m research_rl.inspect``
+the ``rollout/*``, ``retriever/*`` and validation metrics, and the rows of ``RUN_DIR/rollouts/step_NNNNNN.jsonl`` (``python -m research_rl.inspect``
 reads them).
 
 Rows are trajectories in group order (group ``i`` = rows ``i*G .. i*G+G-1``); ``questions[i]``,
@@ -8,6 +8,9 @@ Rows are trajectories in group order (group ``i`` = rows ``i*G .. i*G+G-1``); ``
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -87,3 +90,27 @@ def validation_metrics(questions: Sequence[Question], trajectories: Sequence[Tra
     out = {f"val/{k}": float(v) for k, v in evaluation.aggregate(rows).items()}
     out["val/searches_per_question"] = out["val/searches"]
     return out
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """``rows`` as JSON lines (``rollouts/step_NNNNNN.jsonl``)."""
+    with Path(path).open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def retriever_stats(retrievers, timeout_s: float) -> dict[str, float]:
+    """``retriever/*`` latency, batch size and cache hit rate of the in-cluster replicas (a ``WorkerGroup``) since
+    the last call (``batcher.merge_stats``); a replica that does not answer within ``timeout_s`` (restarting) is
+    reported on stderr and counted at the next call. Empty without replicas (``retriever.url``)."""
+    from research_rl.retrieval.batcher import merge_stats
+    from research_rl.roles.group import WorkerError
+
+    if not retrievers:
+        return {}
+    answers = retrievers.call_settled("stats", timeout=timeout_s)
+    for a in answers:
+        if isinstance(a, WorkerError):
+            print(f"retriever stats: {a}; its numbers come with the next step", file=sys.stderr)
+    stats = [a for a in answers if not isinstance(a, WorkerError)]
+    return merge_stats(stats) if stats else {}

@@ -26,7 +26,6 @@ a ``RunState`` (research_rl/driver/state.py), saved in every checkpoint.
 from __future__ import annotations
 
 import random
-import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -41,11 +40,13 @@ from research_rl.algo.reward import REWARD_FUNCTIONS, RewardResult
 from research_rl.algo.templates import encode_prompt
 from research_rl.config import preflight
 from research_rl.config.schema import Config, to_dict
-from research_rl.data import PromptStream, Question, load_corpus, load_questions
+from research_rl.data import PromptStream, Question, load_questions
 from research_rl.driver import checkpoint as ckpt
 from research_rl.driver.metrics import MetricsLogger, drop_rows_after
-from research_rl.driver.rollouts import build_experience, rollout_metrics, rollout_rows, validation_metrics
+from research_rl.driver.rollouts import (build_experience, retriever_stats, rollout_metrics, rollout_rows,
+                                        validation_metrics, write_rows)
 from research_rl.driver.state import RunState, capture_rng, restore_rng
+from research_rl.driver.warmup import warm_up
 from research_rl.rollout.agent_loop import SamplingParams, Trajectory
 
 PROBE_SUFFIX = " <think> probe </think> <answer> \\boxed{probe} </answer>"  # after the first training prompt
@@ -62,6 +63,26 @@ def encode_questions(questions: list[Question], template: str, tokenizer,
     keep = [(q, encode_prompt(q.question, template, tokenizer)) for q in questions]
     fits = [(q, ids) for q, ids in keep if len(ids) <= max_prompt_len]
     return fits, len(keep) - len(fits)
+
+
+def start_ray(cfg: Config) -> bool:
+    """Connect to ``ray.address``, or start a local one-node cluster (a custom ``placement.gpu_resource`` standing
+    in for GPUs is declared on it). Returns False when Ray was already initialised (it is used as it is)."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return False
+    r, p = cfg.ray, cfg.placement
+    if r.address is None:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        custom = {p.gpu_resource: p.gpus_per_node} if p.gpus_per_node and p.gpu_resource != "GPU" else None
+        ray.init(num_cpus=r.num_cpus, namespace=r.namespace, include_dashboard=False, log_to_driver=True,
+                 resources=custom)
+    else:
+        ray.init(address=r.address, namespace=r.namespace)
+    return True
 
 
 class GRPOTrainer:
@@ -98,7 +119,7 @@ class GRPOTrainer:
         self.check_inputs()
         self.load_data()
         self.open_run_dir()
-        self.start_ray()
+        self.ray_started = start_ray(self.cfg)
         with self._phase("start"):
             self.start_roles()
         with self._phase("warmup"):
@@ -152,25 +173,6 @@ class GRPOTrainer:
         random.seed(cfg.trainer.seed)
         np.random.seed(cfg.trainer.seed)
         torch.manual_seed(cfg.trainer.seed)
-
-    def start_ray(self) -> None:
-        """Connect to ``ray.address``, or start a local one-node cluster (a custom ``placement.gpu_resource``
-        standing in for GPUs is declared on it); an already initialised Ray is used as it is."""
-        import os
-
-        import ray
-
-        if ray.is_initialized():
-            return
-        r, p = self.cfg.ray, self.cfg.placement
-        if r.address is None:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            custom = {p.gpu_resource: p.gpus_per_node} if p.gpus_per_node and p.gpu_resource != "GPU" else None
-            ray.init(num_cpus=r.num_cpus, namespace=r.namespace, include_dashboard=False, log_to_driver=True,
-                     resources=custom)
-        else:
-            ray.init(address=r.address, namespace=r.namespace)
-        self.ray_started = True
 
     def start_roles(self) -> None:
         """The pools (``research_rl.roles.placement``), then the retriever replicas, rollout workers, learner ranks
@@ -231,6 +233,18 @@ class GRPOTrainer:
         restore_rng(self.state.rng)
         print(f"resumed from {self.resume_from} at step {self.state.step}")
 
+    def warmup(self) -> Path:
+        """The initial policy's directory: ``model.path``, or in debug mode (``warmup.enabled``) ``RUN_DIR/
+        warmup_model``, trained now unless a previous run of this directory left it (``driver.warmup``)."""
+        if not self.cfg.warmup.enabled:
+            return Path(self.cfg.model.path)
+        out_dir = self.run_dir / "warmup_model"
+        if not ckpt.is_valid_model_dir(out_dir):
+            self.state.warmup_seconds, self.state.warmup_final_nll = warm_up(
+                self.cfg, [q for q, _ in self.train_prompts], self.tokenizer, self.retriever, self.learners,
+                self.logger, out_dir)
+        return out_dir
+
     def validate_before(self) -> None:
         """``validation.before_training``, logged at step 0 (not on resume)."""
         v = self.cfg.validation
@@ -238,51 +252,6 @@ class GRPOTrainer:
             self.state.val_before = self.validate()
             self.state.val_step = self.state.step
             self.logger.log(self.state.step, self.state.val_before)
-
-    # ================================================================= warm-up (debug only)
-    def warmup(self) -> Path:
-        """The initial policy's directory: ``model.path``, or with ``warmup.enabled`` (debug) ``RUN_DIR/
-        warmup_model``, trained now by supervised steps on synthesised search traces unless it exists."""
-        from tqdm import tqdm
-
-        from research_rl.rollout.warmup import collate, synthesize
-
-        cfg, w = self.cfg, self.cfg.warmup
-        out_dir = self.run_dir / "warmup_model"
-        if not w.enabled:
-            return Path(cfg.model.path)
-        if ckpt.is_valid_model_dir(out_dir):
-            return out_dir
-        corpus = load_corpus(cfg.data.corpus_path)
-        titles = {pid: row.get("title") or row["contents"].split("\n", 1)[0].strip('"') for pid, row in corpus.items()}
-
-        def search(queries):
-            results = self.retriever.search(queries, cfg.retriever.top_k)
-            if any(r is None for r in results):
-                raise RuntimeError("the retriever failed to answer a warm-up search (see the warnings above)")
-            return [[p.contents for p in ps] for ps in results]
-
-        t0 = time.time()
-        examples = synthesize([q for q, _ in self.train_prompts], titles, search, self.tokenizer, cfg.model.template,
-                              w.search_fraction, w.max_seq_len, w.seed)
-        self.learners.call("load_policy", cfg.model.path)
-        rng = random.Random(w.seed)
-        bar = tqdm(range(w.steps), desc="warm-up (supervised, debug only)", unit="step")
-        for i in bar:
-            batch = Experience(**collate(rng.sample(examples, min(w.batch_size, len(examples))),
-                                         self.tokenizer.pad_token_id))
-            m = self.learners.scatter("sft_step", batch.shard(len(self.learners)), w.lr)[0]
-            bar.set_postfix(nll=f"{m['warmup/nll']:.3f}")
-            if i % 10 == 0 or i == w.steps - 1:
-                self.logger.log(-1, {**m, "warmup/step": i}, console=False)
-        tmp = out_dir.parent / f".tmp-{out_dir.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.learners.call("save_hf", str(tmp), cfg.model.path)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
-        self.state.warmup_seconds = round(time.time() - t0, 1)
-        self.state.warmup_final_nll = m["warmup/nll"]
-        return out_dir
 
     # ================================================================= the loop
     @contextmanager
@@ -351,10 +320,11 @@ class GRPOTrainer:
         cfg, s = self.cfg, self.state
         with self._phase("log"):
             metrics.update(rollout_metrics(exp, trajs, rewards))
-            metrics.update(self.retriever_stats())
+            metrics.update(retriever_stats(self.retrievers, self.cfg.retriever.timeout_s))
             metrics.update({"train/epoch": self.stream.epoch_float, "train/policy_version": s.policy_version})
             s.record_step(metrics)
-            self._dump_rollouts(rollout_rows(s.step, exp, questions, trajs, rewards, cfg.trainer.rollouts_to_log))
+            write_rows(self.run_dir / "rollouts" / f"step_{s.step:06d}.jsonl",
+                       rollout_rows(s.step, exp, questions, trajs, rewards, cfg.trainer.rollouts_to_log))
         new_best = False
         if cfg.validation.every and (s.step % cfg.validation.every == 0 or s.step == self.total_steps):
             with self._phase("validation"):
@@ -438,28 +408,6 @@ class GRPOTrainer:
                                "trained")
         self.state.policy_version = self.state.step
         return {"sync/bytes": float(stats[0]["bytes"]), "sync/buckets": float(len(refs)), "sync/probe_max_diff": worst}
-
-    def retriever_stats(self) -> dict[str, float]:
-        """``retriever/*`` latency, batch size and cache hit rate of the in-cluster replicas since the last call;
-        a replica that does not answer within ``retriever.timeout_s`` (restarting) reports at the next call."""
-        from research_rl.retrieval.batcher import merge_stats
-        from research_rl.roles.group import WorkerError
-
-        if not self.retrievers:
-            return {}
-        answers = self.retrievers.call_settled("stats", timeout=self.cfg.retriever.timeout_s)
-        for a in answers:
-            if isinstance(a, WorkerError):
-                print(f"retriever stats: {a}; its numbers come with the next step", file=sys.stderr)
-        stats = [a for a in answers if not isinstance(a, WorkerError)]
-        return merge_stats(stats) if stats else {}
-
-    def _dump_rollouts(self, rows: list[dict]) -> None:
-        import json
-
-        with (self.run_dir / "rollouts" / f"step_{self.state.step:06d}.jsonl").open("w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
 
     def validate(self) -> dict[str, float]:
         """Greedy rollouts on the fixed validation sample, one per question, scored as the evaluator scores
