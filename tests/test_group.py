@@ -106,7 +106,8 @@ def test_group_calls_every_rank_scatters_and_gathers_in_rank_order(ray_two_cpus,
     assert [s for _, _, s in out] == [int(exp.input_ids[2 * r:2 * r + 2].sum()) * 10 for r in range(3)]
     with pytest.raises(ValueError, match="2 argument tuples for 3 learner ranks"):
         group.call_each("who", [("x",), ("y",)])
-    group.kill()
+    for actor in group.actors:
+        ray_two_cpus.kill(actor)
 
 
 @pytest.mark.ray
@@ -126,7 +127,8 @@ def test_a_failing_or_dead_rank_is_named_with_role_rank_and_method(ray_two_cpus,
         group.call_rank(1, "who", "again")
     settled = group.call_settled("who", "s", timeout=30)
     assert settled[0] == (0, "s") and isinstance(settled[1], WorkerError) and settled[1].rank == 1
-    group.kill()
+    for actor in group.actors:
+        ray_two_cpus.kill(actor)
 
 
 def _driver_roles(ray):

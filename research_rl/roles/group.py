@@ -15,6 +15,7 @@ at once and reports the first failure it sees, so a collective whose peer died d
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Sequence
 
 import ray
@@ -68,12 +69,15 @@ class WorkerGroup:
 
     # ------------------------------------------------------------------ calls
     def _gather(self, method: str, refs: Sequence[Any], timeout: float | None = None) -> list:
-        """Every rank's result in rank order; the first rank to fail raises ``WorkerError``."""
+        """Every rank's result in rank order, waiting at most ``timeout`` seconds in all; the first rank to fail
+        raises ``WorkerError``."""
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
         results: dict[int, Any] = {}
         pending = list(refs)
+        deadline = None if timeout is None else time.monotonic() + timeout
         while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = ray.wait(pending, num_returns=1, timeout=left)
             if not done:
                 rank = rank_of[pending[0]]
                 raise WorkerError(self.role, rank, method,
@@ -150,10 +154,3 @@ class WorkerGroup:
         ``init_process_group(addr, port)``."""
         addr, port = self.call_rank(0, "rendezvous_address")
         self.call("init_process_group", addr, port)
-
-    # ------------------------------------------------------------------ teardown
-    def kill(self) -> None:
-        """End every rank's process now (no method runs)."""
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        self.actors = []
