@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -230,15 +229,14 @@ def test_async_and_turn_sync_give_identical_trajectories(tokenizer):
 
 
 def _learner_rows(trajs, pad_id):
-    """What the learner trains on: the driver's batch (``GRPOTrainer._batch``) row by row."""
-    from types import SimpleNamespace
+    """What the learner trains on: the step's batch (``Experience.from_sequences``, as the driver builds it in
+    ``rollouts.build_experience``) row by row."""
+    from research_rl.algo.experience import Experience
 
-    from research_rl.driver.trainer import GRPOTrainer
-
-    batch = GRPOTrainer._batch(SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=pad_id)),
-                               [dataclasses.asdict(t) for t in trajs])
+    batch = Experience.from_sequences([t.prompt_ids for t in trajs], [t.response_ids for t in trajs],
+                                      [t.loss_mask for t in trajs], pad_id)
     rows = []
-    for ids, attn, mask in zip(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]):
+    for ids, attn, mask in zip(batch.input_ids, batch.attention_mask, batch.loss_mask):
         n = int(attn.sum())
         rows.append((ids[:n].tolist(), mask[:n].tolist()))
     return rows

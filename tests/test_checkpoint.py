@@ -109,3 +109,34 @@ def test_incomplete_best_is_refused_and_the_old_one_kept(tmp_path):
     assert json.loads((ckpt.best_dir(tmp_path) / ckpt.STATE_FILE).read_text())["step"] == 1
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         ckpt.begin_best(tmp_path, tmp_path / "checkpoints" / "step_000009")
+
+
+def test_resume_point_by_mode(tmp_path):
+    run = tmp_path / "run"
+    assert ckpt.resume_point(run, "never") is None and ckpt.resume_point(run, "auto") is None  # a new run
+    _write(run, 1)
+    _write(run, 2)
+    assert ckpt.resume_point(run, "auto").name == "step_000002"
+    assert ckpt.resume_point(run, str(run / "checkpoints/step_000001")).name == "step_000001"
+    with pytest.raises(FileExistsError, match="already holds checkpoints; pass trainer.resume=auto"):
+        ckpt.resume_point(run, "never")
+    with pytest.raises(FileNotFoundError, match="is not a complete checkpoint directory: no readable manifest.json"):
+        ckpt.resume_point(run, str(run / "checkpoints/step_000009"))
+
+
+def test_resume_auto_with_every_checkpoint_invalid_says_what_was_found_and_what_to_do(tmp_path):
+    run = tmp_path / "run"
+    _write(run, 1)
+    _write(run, 2)
+    _truncate(run / "checkpoints/step_000002/sharded/dcp/__1_0.distcp")
+    (run / "checkpoints/step_000001" / ckpt.MANIFEST).unlink()
+    with warnings.catch_warnings(record=True), pytest.raises(ckpt.NoValidCheckpointError) as e:
+        warnings.simplefilter("always")
+        ckpt.resume_point(run, "auto")
+    msg = str(e.value)
+    assert f"trainer.resume=auto found no valid checkpoint in {run / 'checkpoints'}" in msg
+    assert "step_000002: sharded/dcp/__1_0.distcp has 54 bytes, the manifest says 64 (truncated)" in msg
+    assert "step_000001: no readable manifest.json (the checkpoint was not finished)" in msg
+    assert msg.index("step_000002") < msg.index("step_000001")  # newest first, as resume tries them
+    assert "trainer.resume=never and a new trainer.output_dir" in msg and "fix or remove the directories" in msg
+    assert "pass resume=auto" not in msg

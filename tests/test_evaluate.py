@@ -291,40 +291,39 @@ def test_bad_eval_override_fails_before_loading_anything(tmp_path):
 # --------------------------------------------------------------------------- the trainer's validation
 
 @pytest.mark.unit
-def test_trainer_validation_uses_the_evaluator_and_tracks_the_best(tokenizer, tmp_path):
+def test_trainer_validation_uses_the_evaluator_and_tracks_the_best(tmp_path):
+    """The driver's validation metrics are the evaluator's (``rollouts.validation_metrics``), and the best
+    checkpoint follows ``RunState.update_best`` on them; a best metric naming an unvalidated dataset is caught
+    before Ray starts."""
+    from research_rl.config import preflight
     from research_rl.data import Question
-    from research_rl.driver.trainer import GRPOTrainer, TrainingError
+    from research_rl.driver.rollouts import validation_metrics
+    from research_rl.driver.state import Best, RunState
+    from research_rl.rollout.agent_loop import Trajectory
 
-    cfg = compose_config(["experiment=debug_cpu", f"trainer.output_dir={tmp_path}"])
-    trainer = GRPOTrainer(cfg)
-    trainer.tokenizer = tokenizer
     qa = Question("1", "q1", ("Paris",), "hotpotqa")
     qb = Question("2", "q2", ("Rome",), "musique")
-    trainer.val_questions = [(qa, [1]), (qb, [2])]
     answer = "<think> x </think> <search> s </search> <result>\nr\n</result> <answer> \\boxed{Paris} </answer>" + EOS
-    trajs = [(qa, {"response_text": answer, "num_searches": 1, "num_generated": 12}),
-             (qb, {"response_text": answer, "num_searches": 1, "num_generated": 12})]
-    trainer._rollout = lambda questions, greedy, group_size=None: trajs
-    val = trainer._validate(step=3)
+    traj = Trajectory([1], response_ids=list(range(20)), loss_mask=[1] * 12 + [0] * 8, queries=["s"],
+                      finish_reason="eos", response_text=answer)
+    val = validation_metrics([qa, qb], [traj, traj], EOS)
     assert val["val/hotpotqa/em"] == 1.0 and val["val/musique/em"] == 0.0 and val["val/em"] == 0.5
     assert val["val/f1"] == 0.5 and val["val/cover_em"] == 0.5 and val["val/searches"] == 1.0
     assert val["val/searches_per_question"] == 1.0 and val["val/response_len"] == 12.0
-    assert val["val/format_fail"] == 0.0 and trainer.summary["val_step"] == 3
+    assert val["val/format_fail"] == 0.0 and val["val/n"] == 2.0
+    assert validation_metrics([], [], EOS) == {}
 
-    trainer.step = 10
-    assert trainer._is_new_best({"val/em": 0.2})
-    trainer.step = 20
-    assert not trainer._is_new_best({"val/em": 0.2})  # ties keep the earlier checkpoint
-    trainer.step = 30
-    assert trainer._is_new_best({"val/em": 0.3})
-    assert trainer.summary["best"] == {"metric": "val/em", "step": 30, "value": 0.3,
-                                       "path": str(tmp_path / "checkpoints" / "best")}
-    with pytest.raises(TrainingError, match="validation.best_metric=val/em"):
-        trainer._is_new_best({"val/f1": 0.9})
-    trainer._check_best_metric({"hotpotqa", "musique"})
-    trainer.cfg = compose_config(["experiment=debug_cpu", "validation.best_metric=val/bamboogle/em"])
+    state, best = RunState(), str(tmp_path / "checkpoints" / "best")
+    assert state.update_best("val/em", {"val/em": 0.2}, 10, best)
+    assert not state.update_best("val/em", {"val/em": 0.2}, 20, best)  # ties keep the earlier checkpoint
+    assert state.update_best("val/em", {"val/em": 0.3}, 30, best)
+    assert state.best == Best("val/em", 30, 0.3, best)
+    with pytest.raises(ValueError, match="validation.best_metric=val/em"):
+        state.update_best("val/em", {"val/f1": 0.9}, 40, best)
+    preflight.check_best_metric(compose_config(["experiment=debug_cpu"]), {"hotpotqa", "musique"})
+    cfg = compose_config(["experiment=debug_cpu", "validation.best_metric=val/bamboogle/em"])
     with pytest.raises(ConfigError, match="validation.best_metric"):  # caught at setup, before Ray starts
-        trainer._check_best_metric({"hotpotqa", "musique"})
+        preflight.check_best_metric(cfg, {"hotpotqa", "musique"})
 
 
 def test_over_length_prediction_empty_is_the_reference_rule():

@@ -7,7 +7,6 @@ import io
 import json
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -26,7 +25,7 @@ GOOD = (f"<think> I should search. </think> <search> capital of France </search>
 
 
 def _row(step, qid, question, golds, response, reward, reason, answer, queries, finish="eos", gen=40, result=120):
-    """A row with exactly the keys and order of `GRPOTrainer._dump_rollouts` (checked against it below)."""
+    """A row with exactly the keys and order of the trainer's rollout dump (checked against it below)."""
     return {"step": step, "question_id": qid, "question": question, "golden_answers": golds, "response": response,
             "reward": reward, "reason": reason, "answer": answer, "searches": len(queries), "queries": queries,
             "finish_reason": finish, "response_len": gen, "result_tokens": result}
@@ -63,16 +62,20 @@ def run(tmp_path) -> Path:
 
 
 def test_rows_match_what_the_trainer_writes(tmp_path):
-    """`_row` has the keys, in order, of the rows `GRPOTrainer._dump_rollouts` writes (called on a stand-in self)."""
+    """`_row` has the keys, in order, of the rows the trainer writes (`rollouts.rollout_rows` of a step's batch)."""
     from research_rl.algo.reward import RewardResult
-    from research_rl.driver.trainer import GRPOTrainer
+    from research_rl.data import Question
+    from research_rl.driver.rollouts import build_experience, rollout_rows
+    from research_rl.rollout.agent_loop import Trajectory
 
-    (tmp_path / "rollouts").mkdir()
-    fake = SimpleNamespace(cfg=SimpleNamespace(trainer=SimpleNamespace(rollouts_to_log=-1)), run_dir=tmp_path, step=7)
-    q = SimpleNamespace(id="q1", question="What is the capital of France?", golden_answers=("Paris",))
-    t = {"response_text": GOOD, "num_searches": 1, "queries": ["capital of France"], "finish_reason": "eos",
-         "num_generated": 40, "response_ids": list(range(160))}
-    GRPOTrainer._dump_rollouts(fake, [(q, t)], [RewardResult(1.0, "correct answer, f1=1.00", "Paris", 1.0, True)])
+    q = Question("q1", "What is the capital of France?", ("Paris",), "hotpotqa")
+    t = Trajectory([5, 6, 7], response_ids=list(range(160)), loss_mask=[1] * 40 + [0] * 120,
+                   queries=["capital of France"], finish_reason="eos", response_text=GOOD)
+    r = RewardResult(1.0, "correct answer, f1=1.00", "Paris", 1.0, True)
+    exp = build_experience([q, q], [t, t], [r, r], pad_id=0, policy_version=6)
+    rows = rollout_rows(7, exp, [q, q], [t, t], [r, r], limit=1)  # trainer.rollouts_to_log=1
+    assert len(rows) == 1 and len(rollout_rows(7, exp, [q, q], [t, t], [r, r])) == 2
+    _write(tmp_path, 7, rows)
     written = json.loads((tmp_path / "rollouts" / "step_000007.jsonl").read_text())
     expected = _row(7, "q1", q.question, ["Paris"], GOOD, 1.0, "correct answer, f1=1.00", "Paris",
                     ["capital of France"])

@@ -9,14 +9,16 @@ Layout of ``RUN_DIR/checkpoints/step_000010/``::
       state/               DeepSpeed: engine.save_checkpoint (model states, per-rank ZeRO optimizer partitions)
     model/               Hugging Face model + tokenizer (trainer.save_hf_model, default on; what
                          ``AutoModelForCausalLM.from_pretrained``, the evaluator and checkpoints/best/model use)
-    trainer_state.json   step, policy version, data cursor, RNG states, summary so far, resolved config
+    trainer_state.json   the run state (research_rl.driver.state.RunState: step, policy version, data cursor, RNG
+                         states, validations, best, history) and the resolved config
     manifest.json        every other file with its size and SHA-256; written last
 
 Resuming reads ``sharded/`` (exact model and optimizer state), never ``model/``. A directory only gets its final
 name after every file and then the manifest are written, so a crash mid-checkpoint leaves at most a ``.tmp-*``
 directory, which is ignored and cleaned up. A checkpoint is valid when its manifest parses and every listed file
 is there with its size and checksum (a truncated or corrupted shard or state file fails), and the state file
-parses; ``resume=auto`` skips an invalid newest checkpoint with a warning that says why.
+parses; ``resume=auto`` skips an invalid newest checkpoint with a warning that says why, and fails naming every
+checkpoint and why it is invalid when none is valid (``resume_point``).
 
 ``RUN_DIR/checkpoints/best/`` is a complete checkpoint of the same layout: the one with the best validation metric
 (``validation.best_metric``). It is filled in ``.tmp-best`` (hard links to the step checkpoint's files when that
@@ -130,6 +132,41 @@ def latest_valid(run_dir: str | Path) -> Path | None:
             return path
         warnings.warn(f"checkpoint {path} is invalid: {reason}; trying the previous one", stacklevel=2)
     return None
+
+
+class NoValidCheckpointError(FileNotFoundError):
+    """``trainer.resume=auto`` found checkpoints, none of them valid (the message lists each and why)."""
+
+
+def resume_point(run_dir: str | Path, resume: str) -> Path | None:
+    """The checkpoint a run with ``trainer.resume=resume`` continues from, or None to start from step 0.
+
+    ``never``: None, and the run directory must hold no checkpoint. ``auto``: the newest valid checkpoint
+    (``latest_valid``), None when there is none. A path: that checkpoint, which must be complete.
+
+    Raises:
+        FileExistsError: ``never`` and ``run_dir`` already holds checkpoints.
+        NoValidCheckpointError: ``auto`` and every checkpoint is invalid (each is named with its reason).
+        FileNotFoundError: the given path is not a complete checkpoint.
+    """
+    if resume == "never":
+        if list_checkpoints(run_dir):
+            raise FileExistsError(f"{run_dir} already holds checkpoints; pass trainer.resume=auto to continue that run "
+                                  f"or trainer.output_dir=NEW_DIR to start a new one")
+        return None
+    if resume == "auto":
+        found = latest_valid(run_dir)
+        if found is None and list_checkpoints(run_dir):
+            reasons = "; ".join(f"{p.name}: {check(p)}" for p in reversed(list_checkpoints(run_dir)))
+            raise NoValidCheckpointError(
+                f"trainer.resume=auto found no valid checkpoint in {Path(run_dir) / 'checkpoints'} ({reasons}). "
+                "Start a new run with trainer.resume=never and a new trainer.output_dir, or fix or remove the "
+                "directories named above (removing them all starts this run over from step 0)")
+        return found
+    reason = check(resume)
+    if reason is not None:
+        raise FileNotFoundError(f"trainer.resume={resume} is not a complete checkpoint directory: {reason}")
+    return Path(resume)
 
 
 def begin(run_dir: str | Path, step: int) -> Path:

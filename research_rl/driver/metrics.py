@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
@@ -96,11 +95,25 @@ def _plain(v):
         return str(v)
 
 
-@contextmanager
-def timed(name: str, timings: dict[str, float]):
-    """Adds the wall time of the block to ``timings["timing/<name>"]`` (seconds)."""
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[f"timing/{name}"] = timings.get(f"timing/{name}", 0.0) + time.perf_counter() - t0
+def drop_rows_after(path: str | Path, step: int) -> None:
+    """Remove the ``metrics.jsonl`` rows of steps after ``step`` (and a last line cut short by a kill): an
+    interrupted run logged them after its last checkpoint, and the resumed run trains those steps again (so each
+    step keeps one row). A missing file is left missing."""
+    path = Path(path)
+    if not path.is_file():
+        return
+
+    def row_step(line: str) -> int | None:
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if (s := row_step(line)) is not None and s <= step]
+    if len(keep) < len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
+        print(f"metrics.jsonl: dropped {len(lines) - len(keep)} rows logged after step {step} by the interrupted "
+              "run (those steps are trained again)")

@@ -115,6 +115,10 @@ class Placement:
         self.groups.clear()
 
     # ------------------------------------------------------------ actor options
+    def role_options(self, role: str, n: int) -> list[dict]:
+        """``options(role, i)`` of workers ``0 .. n-1`` (what ``WorkerGroup.start`` takes)."""
+        return [self.options(role, i) for i in range(n)]
+
     def options(self, role: str, index: int) -> dict:
         """Ray actor options for worker ``index`` of ``role`` (learner, rollout or reference).
 

@@ -10,8 +10,6 @@ between rollouts (``rollout.vllm_sleep_level``) and wakes for the next sync.
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import ray
 import torch
 
@@ -60,17 +58,16 @@ class RolloutWorker:
         return [None if passages is None else [p.contents for p in passages]
                 for passages in self.retriever.search(queries, self.top_k)]
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[dict]:
-        """Run the agent loop on each prompt (already repeated group_size times by the driver).
-
-        Returns one dict per trajectory (``Trajectory`` fields plus ``num_searches``, ``num_generated``)."""
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Trajectory]:
+        """Run the agent loop on each prompt (already repeated group_size times by the driver); one
+        ``Trajectory`` per prompt, in order."""
         torch.manual_seed(sampling.seed)
         if hasattr(self.engine, "wake_up"):
             self.engine.wake_up()
         trajs: list[Trajectory] = self.loop.run(prompts, sampling)
         if hasattr(self.engine, "sleep") and self.cfg.vllm_sleep_level:
             self.engine.sleep(self.cfg.vllm_sleep_level)  # the learner gets the GPU memory back
-        return [dict(asdict(t), num_searches=t.num_searches, num_generated=t.num_generated) for t in trajs]
+        return trajs
 
     def load_weights(self, bucket_refs: list, policy_version: int) -> dict:
         """Load every bucket (a list of ObjectRefs to ``{name: tensor}``); the sync must cover all parameters.

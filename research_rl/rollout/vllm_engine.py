@@ -20,10 +20,8 @@ parallelism). On CPU and in colocated placement the buckets come from learner ra
 (``RolloutWorker.load_weights``). After a sync the prefix cache is reset (its KV entries were computed with the old
 weights). The log-prob probe (``log_probs``) asks vLLM for ``prompt_logprobs`` of a fixed sequence.
 
-Disaggregated GPU placement would broadcast buckets over NCCL from learner rank 0 to the engines' workers instead:
-``WeightSyncExtension.init_weight_group`` / ``receive_broadcast`` and ``NcclWeightSender`` below. **That path is
-untested** (written without GPUs) and not yet called by the trainer, whose learner workers would need to hold a
-``NcclWeightSender``.
+Every placement syncs through the Ray object store; there is no NCCL broadcast path (disaggregated GPU placement
+sends the same buckets through the object store).
 
 Colocated placement: between rollouts the engine sleeps (``rollout.vllm_sleep_level``; vLLM sleep mode: level 1
 frees the KV cache and moves weights to CPU memory, level 2 frees both since the next sync rewrites them) so the
@@ -88,54 +86,6 @@ class WeightSyncExtension:
                 for module in model.modules():
                     if isinstance(module, VocabParallelEmbedding) and hasattr(module, "cpu_linear"):
                         module.quant_method.process_weights_after_loading(module)
-
-    # ------------------------------------------------------------------ NCCL (disaggregated GPU; untested)
-    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
-        """Join the broadcast group of learner rank 0 (rank 0) and every engine worker (``rank_offset`` + its
-        tensor-parallel rank). UNTESTED: needs GPUs."""
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
-
-        rank = rank_offset + self.rank if hasattr(self, "rank") else rank_offset
-        group = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size)
-        self._weight_group = PyNcclCommunicator(group, device=self.device)
-
-    def receive_broadcast(self, specs: list[tuple[str, str, list[int]]]) -> int:
-        """Receive one bucket broadcast by learner rank 0: ``specs`` = (name, dtype, shape) in send order.
-        UNTESTED: needs GPUs."""
-        bucket = {}
-        for name, dtype, shape in specs:
-            t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
-            self._weight_group.broadcast(t, src=0, stream=torch.cuda.current_stream())
-            bucket[name] = t
-        torch.cuda.current_stream().synchronize()
-        return self.rl_load_bucket(bucket)  # inside the session VLLMEngine.receive_broadcast_buckets opened
-
-
-class NcclWeightSender:
-    """Learner rank 0's side of the NCCL broadcast group (disaggregated GPU placement). UNTESTED: needs GPUs.
-
-    Usage: ``NcclWeightSender(host, port, world_size)`` on learner rank 0 while each engine calls
-    ``VLLMEngine.init_weight_group(host, port, 1 + engine_index * tp, world_size)`` (world size = 1 + engines × tp);
-    per sync, the engines run ``VLLMEngine.receive_broadcast_buckets(specs per bucket)`` while rank 0 calls
-    ``send(bucket)`` for each bucket in the same order.
-    """
-
-    def __init__(self, host: str, port: int, world_size: int, device: str = "cuda"):
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
-
-        group = StatelessProcessGroup.create(host=host, port=port, rank=0, world_size=world_size)
-        self.comm = PyNcclCommunicator(group, device=torch.device(device))
-
-    @staticmethod
-    def specs(bucket: Mapping[str, torch.Tensor]) -> list[tuple[str, str, list[int]]]:
-        return [(name, str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in bucket.items()]
-
-    def send(self, bucket: Mapping[str, torch.Tensor]) -> None:
-        for t in bucket.values():
-            self.comm.broadcast(t.cuda().contiguous(), src=0, stream=torch.cuda.current_stream())
-        torch.cuda.current_stream().synchronize()
 
 
 class VLLMEngine:
@@ -311,23 +261,6 @@ class VLLMEngine:
 
     def parameter_names(self) -> set[str]:
         return set(self._names)
-
-    # ------------------------------------------------------------------ NCCL sync (disaggregated GPU; UNTESTED)
-    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
-        """Join learner rank 0's broadcast group (``NcclWeightSender``); this engine's workers take ranks
-        ``rank_offset`` .. ``rank_offset + tensor_parallel_size - 1``. UNTESTED: needs GPUs."""
-        self._call(self.llm.collective_rpc("init_weight_group", args=(host, port, rank_offset, world_size)))
-
-    def receive_broadcast_buckets(self, bucket_specs: Iterable[list[tuple[str, str, list[int]]]]) -> None:
-        """One sync over NCCL: per bucket, receive the tensors ``NcclWeightSender.send`` broadcasts (``specs`` from
-        ``NcclWeightSender.specs``, sent ahead through Ray), in one reload session. UNTESTED: needs GPUs."""
-        self._call(self.llm.collective_rpc("rl_begin_sync"))
-        try:
-            for specs in bucket_specs:
-                self._call(self.llm.collective_rpc("receive_broadcast", args=(specs,)))
-        finally:
-            self._call(self.llm.collective_rpc("rl_finish_sync"))
-            self._call(self.llm.reset_prefix_cache())
 
     def log_probs(self, sequence: Sequence[int]) -> torch.Tensor:
         """Log-probs of tokens 1..L-1 of one sequence under the engine's weights (vLLM ``prompt_logprobs``,
