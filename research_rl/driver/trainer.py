@@ -148,9 +148,10 @@ class GRPOTrainer:
         per_file = max(1, v.num_questions // max(1, len(cfg.data.val_files)))
         sample = [q for f in cfg.data.val_files for q in evaluation.sample_questions(load_questions(f), per_file, v.seed)]
         self.val_questions = encode_questions(sample, cfg.model.template, self.tokenizer, cfg.data.max_prompt_len)[0]
-        self.stream = PromptStream([q for q, _ in self.train_prompts], seed=cfg.trainer.seed, shuffle=cfg.data.shuffle)
+        self.stream = PromptStream([q for q, _ in self.train_prompts], seed=cfg.trainer.seed, shuffle=cfg.data.shuffle,
+                                   drop_last=cfg.data.drop_last)
         self.prompt_ids = dict([*self.train_prompts, *self.val_questions])
-        steps_per_epoch = -(-len(self.train_prompts) // cfg.trainer.prompts_per_step)
+        steps_per_epoch = self.stream.steps_per_epoch(cfg.trainer.prompts_per_step)
         self.total_steps = cfg.trainer.total_steps or cfg.trainer.epochs * steps_per_epoch
         self.probe_sequence = self.train_prompts[0][1] + self.tokenizer.encode(PROBE_SUFFIX, add_special_tokens=False)
 
@@ -305,9 +306,13 @@ class GRPOTrainer:
         return self.state.step < self.total_steps
 
     def rewards(self, questions: list[Question], trajs: list[Trajectory]) -> list[RewardResult]:
-        """``reward.kind``'s reward of each response against its question's golden answers."""
-        return [self.reward_fn(t.response_text, self.tokenizer.eos_token, q.golden_answers)
-                for q, t in zip(questions, trajs)]
+        """``reward.kind``'s reward of each response against its question's golden answers; the reference reward
+        (``research_reference``) scores the decoded prompt + response, as the authors' ``compute_score`` does."""
+        eos = self.tokenizer.eos_token
+        if self.cfg.reward.kind == "research_reference":
+            return [self.reward_fn(self.tokenizer.decode(t.prompt_ids, skip_special_tokens=False) + t.response_text,
+                                   eos, q.golden_answers) for q, t in zip(questions, trajs)]
+        return [self.reward_fn(t.response_text, eos, q.golden_answers) for q, t in zip(questions, trajs)]
 
     def _end_step(self, metrics: dict[str, float], exp: Experience, questions: list[Question],
                   trajs: list[Trajectory], rewards: list[RewardResult]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ray
 import torch
 
+from research_rl.rollout.eos import eos_token_ids
 from research_rl.rollout.agent_loop import AgentLoop, SamplingParams, Trajectory
 from research_rl.config.schema import RolloutConfig
 from research_rl.learner.core import set_torch_threads
@@ -39,19 +40,21 @@ class RolloutWorker:
 
         self.cfg = cfg
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        eos_ids = eos_token_ids(model_path, self.tokenizer, cfg.eos_ids_from)  # the engine and the loop share them
         if cfg.engine == "vllm":
             from research_rl.rollout.vllm_engine import VLLMEngine
 
-            self.engine = VLLMEngine.from_config(cfg, model_path, self.tokenizer, dtype, max_model_len)
+            self.engine = VLLMEngine.from_config(cfg, model_path, self.tokenizer, dtype, max_model_len, eos_ids)
         else:
             from research_rl.rollout.hf_engine import HFEngine
 
             device = "cuda" if cfg.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
-            self.engine = HFEngine(model_path, self.tokenizer, cfg.max_batch_size, device=device)
+            self.engine = HFEngine(model_path, self.tokenizer, cfg.max_batch_size, device=device, eos_ids=eos_ids)
         self.retriever, self.top_k = retriever, top_k
         self.loop = AgentLoop(self.engine, self._search, self.tokenizer, cfg.max_response_len, cfg.max_turns,
-                              mode=cfg.mode, async_search_fn=_async_search(retriever, top_k), max_batch_size=cfg.max_batch_size,
-                              batch_wait_s=cfg.batch_wait_ms / 1000)
+                              mode=cfg.mode, async_search_fn=_async_search(retriever, top_k),
+                              max_batch_size=cfg.max_batch_size, batch_wait_s=cfg.batch_wait_ms / 1000,
+                              eos_ids=eos_ids)
         self.policy_version = 0
 
     def _search(self, queries: list[str]) -> list[list[str] | None]:
