@@ -3,7 +3,7 @@ initialised ``Qwen2ForCausalLM`` built from a config, saved together in Hugging 
 
 No weights can be downloaded in debug mode, so this stands in for ``Qwen/Qwen2.5-*-Instruct``. It is shaped
 like one: ChatML special tokens (``<|im_start|>``, ``<|im_end|>`` = EOS, ``<|endoftext|>`` = pad) and a
-ChatML chat template, so the instruct template path (DESIGN: Templates) runs exactly as for Qwen. The
+ChatML chat template, so the instruct template path (docs/concepts.md#the-rollout-format) runs exactly as for Qwen. The
 ReSearch tags (``<think>``, ``<search>``, ...) are added as ordinary (non-special) tokens so that they
 survive ``skip_special_tokens`` decoding like Qwen's multi-token tags do; nothing in the rollout relies on
 them being single tokens (stop detection works on decoded text).

@@ -8,7 +8,7 @@ Usage::
         [--query-prefix S] [--passage-prefix S] [--hnsw-m 32] [--hnsw-ef-search 128] [--ivf-nlist N]
         [--ivf-nprobe N] [--pq-m 64] [--threads N] [--force]
 
-DESIGN, Retrieval: ReSearch searches top-5 passages with E5-base-v2 dense retrieval over an exact inner-product index.
+Retrieval (ReSearch §3.1; docs/retriever.md): ReSearch searches top-5 passages with E5-base-v2 dense retrieval over an exact inner-product index.
 ``--kind dense`` builds that (``research_rl.retrieval.dense``; default encoder the bundled all-MiniLM-L6-v2, a deviation since
 no E5 weights can be downloaded here; ``--encoder intfloat/e5-base-v2`` where it is available). ``--kind bm25`` builds
 the pyserini/Lucene BM25 index (``research_rl.retrieval.bm25``), the Search-R1-style alternative used in CPU debug mode.

@@ -5,7 +5,7 @@ Usage::
     python -m retriever_service.evaluate --index DIR --questions Q.jsonl [--questions Q2.jsonl ...]
         [--k 1 5 10] [--limit N] [--batch-size 256] [--threads N] [--corpus C.jsonl] [--json OUT]
 
-DESIGN, Retrieval: the policy sees the top-5 passages per query, so recall@5 of the gold paragraphs for the question
+Retrieval (docs/retriever.md): the policy sees the top-5 passages per query, so recall@5 of the gold paragraphs for the question
 text is a first check of an index (BM25 or dense) before training on it. The questions are FlashRAG JSONL rows
 (``research_rl.data.load_questions``) with ``supporting_ids`` = corpus ids of the gold paragraphs; questions without
 them are skipped (and counted).

@@ -1,6 +1,6 @@
 """HTTP retrieval service: ``python -m retriever_service.serve --index DIR [--port 8000] [--host 127.0.0.1]``.
 
-DESIGN, Architecture: one index, two faces. This is the HTTP face of the index the ``RetrieverActor`` serves. It uses
+One index, two faces (docs/architecture.md). This is the HTTP face of the index the ``RetrieverActor`` serves. It uses
 the same ``Retriever`` core and the same cross-request ``SearchBatcher`` (micro-batching on one owner thread, LRU
 cache), on FastAPI + uvicorn (uvloop/httptools). Async endpoints await the batcher, so the event loop never blocks
 on a search.

@@ -191,7 +191,7 @@ def test_hf_engine_stops_at_search_and_respects_budgets(debug_model_dir, tokeniz
 
 
 def test_observation_format():
-    """DESIGN: passages' contents joined by a blank line, inside " <result>\\n" ... "\\n</result>"."""
+    """The paper's format: passages' contents joined by a blank line, inside " <result>\\n" ... "\\n</result>"."""
     from research_rl.rollout.agent_loop import format_observation
 
     assert format_observation(['"A"\nfirst', '"B"\nsecond']) == ' <result>\n"A"\nfirst\n\n"B"\nsecond\n</result>'

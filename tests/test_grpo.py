@@ -1,4 +1,4 @@
-"""Tests for research_rl.algo.grpo, in the three kinds of STYLE rule 6.
+"""Tests for research_rl.algo.grpo, of three kinds:
 
 1. Hand-computed cases, the arithmetic in comments.
 2. A plain Python-loop reference (math module, one token at a time) against the vectorised functions.

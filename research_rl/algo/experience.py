@@ -1,8 +1,8 @@
 """The experience batch: what one GRPO step's trajectories become on their way to the learner ranks.
 
-One typed record crosses every process boundary between the rollout and the update (STYLE rule 13, after
-OpenRLHF's ``Experience`` and torchtune's GRPO trajectory type). Rows are trajectories in group order (group ``i``
-is rows ``i*G .. i*G+G-1``, ``G`` = ``rollout.group_size``); sequences are right-padded prompt + response:
+One typed record crosses every process boundary between the rollout and the update (after OpenRLHF's
+``Experience`` and torchtune's GRPO trajectory type). Rows are trajectories in group order (group ``i`` is rows
+``i*G .. i*G+G-1``, ``G`` = ``rollout.group_size``); sequences are right-padded prompt + response:
 
     input_ids      [N, L]   int64    prompt ids, then the response (generated and inserted ``<result>`` ids), pad
     attention_mask [N, L]   int64    1 on prompt + response, 0 on padding

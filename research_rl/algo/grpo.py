@@ -27,7 +27,7 @@ Deliberate deviations from the paper's formula, following the reference (verl) t
 - **Entropy bonus.** The loss subtracts ``entropy_coef`` (0.001 in the reference config) times the token-mean entropy
   of the policy; the paper's objective has no entropy term.
 
-Everything here is a pure function over tensors: no config objects and no ``torch.distributed`` calls (STYLE rule 5).
+Everything here is a pure function over tensors: no config objects and no ``torch.distributed`` calls.
 Shapes: N = trajectories in the (micro-)batch (= B prompts × G group size), T = padded response length, V = vocab.
 """
 

@@ -1,6 +1,6 @@
 """Cross-request dynamic micro-batching for retrieval, with an LRU cache and latency metrics.
 
-DESIGN, Architecture: one index, two faces -- the ``RetrieverActor`` the rollout workers call and the HTTP service
+One index, two faces (docs/architecture.md) -- the ``RetrieverActor`` the rollout workers call and the HTTP service
 (``retriever_service.serve``). Both put this batcher in front of the ``Retriever`` core. Concurrent ``search`` calls
 arrive from many trajectories, often with one or a few queries each. A single loop gathers the queued queries for at
 most ``max_wait_ms`` after the oldest arrived, or until ``max_batch_size`` are queued, and serves them in ONE backend

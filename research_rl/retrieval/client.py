@@ -1,6 +1,6 @@
 """How the rollout (and the driver) reach the retriever: in-cluster actor replicas or a remote HTTP service.
 
-DESIGN, Rollout: a ``<search>`` query gets the top-k passages inside ``<result>``. A retriever that fails or is too
+The rollout (docs/concepts.md#the-search-agent-loop): a ``<search>`` query gets the top-k passages inside ``<result>``. A retriever that fails or is too
 slow must not lose a GRPO step. ``RetrieverClient.search`` returns ``None`` for every query it could not serve
 within ``timeout_s``: the actor died (it restarts; the next call succeeds), the backend raised, or the HTTP service
 was unreachable or answered an error. The agent loop then inserts the observation ``search failed``

@@ -1,6 +1,6 @@
 """Dense retrieval backend: an E5-style bi-encoder over sentence-transformers and a faiss inner-product index.
 
-DESIGN, Retrieval: ReSearch retrieves the top-5 passages for each query with E5-base-v2 (queries prefixed ``"query: "``,
+Retrieval (ReSearch §3.1; docs/retriever.md): ReSearch retrieves the top-5 passages for each query with E5-base-v2 (queries prefixed ``"query: "``,
 passages ``"passage: "``, mean pooling over the last hidden states, L2-normalised, inner product = cosine) over
 Wikipedia Dec-2018 (FlashRAG ``wiki18_100w``, 21,015,324 passages of 100 words) in an exact inner-product index.
 
@@ -39,7 +39,7 @@ Memory of the index for the paper's corpus (21,015,324 passages x 768 dims; meas
 Building also needs the embeddings on disk once (the chunk files, same size as the flat index) and, for ``ivfpq``,
 a training sample in RAM (``train_size`` x dim x 4 B).
 
-Only this module imports faiss or sentence_transformers (STYLE rule 7), and only inside functions, so importing it is
+Only this module imports faiss or sentence_transformers, and only inside functions, so importing it is
 cheap; ``research_rl.retrieval.retriever`` imports it when a dense ``Retriever`` is built.
 """
 
@@ -124,7 +124,7 @@ class Encoder:
 
     The loaded sentence-transformers pipeline must hold exactly one ``Pooling`` module, in ``mean`` mode (the bundled
     all-MiniLM-L6-v2 does; a plain transformers folder gets mean pooling from sentence-transformers); anything else
-    raises ``ValueError`` -- DESIGN fixes mean pooling, and re-pooling a model trained with CLS pooling would
+    raises ``ValueError`` -- the paper's E5 setting fixes mean pooling, and re-pooling a model trained with CLS pooling would
     silently degrade it. Embeddings are normalised here (``normalize_embeddings=True``) whether or not the model has
     a ``Normalize`` module, so inner product equals cosine similarity.
     """

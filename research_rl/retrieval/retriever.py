@@ -1,6 +1,6 @@
 """Retriever core: top-k passage search over a built index.
 
-DESIGN, Retrieval: ReSearch retrieves the top-5 passages for each ``<search>`` query (E5-base-v2 dense retrieval over
+Retrieval (ReSearch §3.1; docs/retriever.md): ReSearch retrieves the top-5 passages for each ``<search>`` query (E5-base-v2 dense retrieval over
 Wikipedia); the rollout inserts their ``contents`` joined by a blank line between ``<result>\\n`` and ``\\n</result>``
 (``research_rl.rollout.agent_loop.format_observation``). Two backends, chosen by ``kind``:
 
@@ -10,8 +10,8 @@ Wikipedia); the rollout inserts their ``contents`` joined by a blank line betwee
   where it is available.
 - ``"bm25"`` (``research_rl.retrieval.bm25``, pyserini): the Search-R1-style alternative the project uses in CPU debug mode.
 
-This module is the plain core that ``RetrieverActor`` wraps and tests build directly (STYLE rule 4). It imports
-neither pyserini nor faiss/sentence-transformers: the backend is imported when a ``Retriever`` is built (STYLE rule 7).
+This module is the plain core that ``RetrieverActor`` wraps and tests build directly. It imports
+neither pyserini nor faiss/sentence-transformers: the backend is imported when a ``Retriever`` is built.
 
 The manifest and ``Passage`` live in ``research_rl.retrieval.index``, which the backends import.
 """

@@ -1,4 +1,4 @@
-"""A role's ranks as one object (STYLE 14, after OpenRLHF's ``RayActorGroup``): the driver never loops over actors.
+"""A role's ranks as one object (after OpenRLHF's ``RayActorGroup``): the driver never loops over actors.
 
 A ``WorkerGroup`` owns the Ray actors of one role (``learner``, ``reference``, ``rollout``, ``retriever``), in rank
 order. It creates them with their placement options (``research_rl.roles.placement.Placement.options``), forms the

@@ -1,6 +1,6 @@
 """Ray shell of the retriever role: one index in one actor process, behind the cross-request batcher.
 
-DESIGN, Architecture: rollout workers call ``RetrieverActor.search``. The actor is an asyncio actor, so calls from
+Rollout workers call ``RetrieverActor.search``. The actor is an asyncio actor, so calls from
 many workers (or many trajectories) run concurrently. ``SearchBatcher`` gathers them into batched backend calls on
 one owner thread, with an LRU cache. The plain cores are ``Retriever`` (retriever.py) and ``SearchBatcher``
 (search_batcher.py). BM25 (pyserini) or dense (faiss) is chosen by ``kind``.

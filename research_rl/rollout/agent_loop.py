@@ -1,4 +1,4 @@
-"""The ReSearch agent loop (ReSearch §2.1 "rollout with search"; DESIGN.md: Rollout).
+"""The ReSearch agent loop (ReSearch §2.1 "rollout with search"; docs/concepts.md#the-search-agent-loop).
 
 Generation stops at ``</search>`` or EOS. On ``</search>`` the query is the text between the last ``<search>``
 and ``</search>`` of what the model just generated; the retriever's top-k passages' ``contents`` are joined by a

@@ -1,4 +1,4 @@
-"""vLLM rollout engine (``rollout.engine=vllm``): the only module that imports vllm (STYLE 7).
+"""vLLM rollout engine (``rollout.engine=vllm``): the only module that imports vllm.
 
 The agent loop (ReSearch §2.1; research_rl/rollout/agent_loop.py) talks to vLLM's ``AsyncLLM`` token-in/token-out: every
 request is a ``TokensPrompt`` of the trajectory's ids so far (prompt + generated + inserted result ids), and the
