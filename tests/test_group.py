@@ -44,18 +44,6 @@ def test_shards_of_a_batch_as_large_as_the_papers_over_64_ranks():
     assert view > 0.99 * whole and copy < 1.01 * whole / 64
 
 
-@pytest.fixture(scope="module")
-def ray_two_cpus():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 def _rank_class(ray):
     @ray.remote(num_cpus=0)
     class Rank:
@@ -87,10 +75,10 @@ def _rank_class(ray):
 
 
 @pytest.mark.ray
-def test_group_calls_every_rank_scatters_and_gathers_in_rank_order(ray_two_cpus, tmp_path):
+def test_group_calls_every_rank_scatters_and_gathers_in_rank_order(ray_cluster, tmp_path):
     from research_rl.roles.group import WorkerGroup
 
-    group = WorkerGroup.start("learner", _rank_class(ray_two_cpus), [{}] * 3, lambda r: (r, str(tmp_path)))
+    group = WorkerGroup.start("learner", _rank_class(ray_cluster), [{}] * 3, lambda r: (r, str(tmp_path)))
     assert len(group) == 3
     assert group.call("who", "a") == [(0, "a"), (1, "a"), (2, "a")]
     assert group.first("who", "b") == (0, "b")
@@ -107,28 +95,28 @@ def test_group_calls_every_rank_scatters_and_gathers_in_rank_order(ray_two_cpus,
     with pytest.raises(ValueError, match="2 argument tuples for 3 learner ranks"):
         group.call_each("who", [("x",), ("y",)])
     for actor in group.actors:
-        ray_two_cpus.kill(actor)
+        ray_cluster.kill(actor)
 
 
 @pytest.mark.ray
-def test_a_failing_or_dead_rank_is_named_with_role_rank_and_method(ray_two_cpus, tmp_path):
+def test_a_failing_or_dead_rank_is_named_with_role_rank_and_method(ray_cluster, tmp_path):
     from research_rl.roles.group import WorkerError, WorkerGroup
 
-    group = WorkerGroup.start("reference", _rank_class(ray_two_cpus), [{}] * 2, lambda r: (r, str(tmp_path)))
+    group = WorkerGroup.start("reference", _rank_class(ray_cluster), [{}] * 2, lambda r: (r, str(tmp_path)))
     with pytest.raises(WorkerError, match=r"^reference rank 1 raised in fail_on: ValueError: bad input on rank 1$") as e:
         group.call("fail_on", 1)
     assert (e.value.role, e.value.rank, e.value.method) == ("reference", 1, "fail_on")
     assert group.call("fail_on", 5) == [0, 1]  # the rank that raised still serves
     with pytest.raises(WorkerError, match=r"^reference rank 1 died during die_on: ") as e:
         group.call("die_on", 1)
-    assert not isinstance(e.value, ray_two_cpus.exceptions.RayError)
-    assert isinstance(e.value.__cause__, ray_two_cpus.exceptions.RayError)  # kept for the traceback
+    assert not isinstance(e.value, ray_cluster.exceptions.RayError)
+    assert isinstance(e.value.__cause__, ray_cluster.exceptions.RayError)  # kept for the traceback
     with pytest.raises(WorkerError, match=r"^reference rank 1 died during who: "):
         group.call_rank(1, "who", "again")
     settled = group.call_settled("who", "s", timeout=30)
     assert settled[0] == (0, "s") and isinstance(settled[1], WorkerError) and settled[1].rank == 1
     for actor in group.actors:
-        ray_two_cpus.kill(actor)
+        ray_cluster.kill(actor)
 
 
 def _driver_roles(ray):
@@ -163,7 +151,7 @@ def _driver_roles(ray):
 
 
 @pytest.mark.ray
-def test_the_driver_names_step_phase_role_and_rank_when_a_rank_dies(ray_two_cpus, tmp_path, capsys):
+def test_the_driver_names_step_phase_role_and_rank_when_a_rank_dies(ray_cluster, tmp_path, capsys):
     """The GRPO loop over real actors standing in for the roles: step 1 trains (the colocated reference keeps
     each learner rank's shard, the update takes no batch), step 2's update kills learner rank 1, and the run stops
     with one error naming the step, the phase, the role, the rank and the method; cleanup reports the rank it
@@ -188,7 +176,7 @@ def test_the_driver_names_step_phase_role_and_rank_when_a_rank_dies(ray_two_cpus
     trainer.total_steps = 3
     (tmp_path / "rollouts").mkdir()
     trainer.logger = MetricsLogger(tmp_path)
-    Rollout, Learner = _driver_roles(ray_two_cpus)
+    Rollout, Learner = _driver_roles(ray_cluster)
     trainer.rollout = WorkerGroup("rollout", [Rollout.remote()])
     trainer.learners = WorkerGroup.start("learner", Learner, [{}] * 2, lambda rank: (rank,))
     trainer.retrievers = WorkerGroup("retriever", [])

@@ -244,15 +244,22 @@ def research_reward(response: str, eos_token: str, golds: Sequence[str]) -> Rewa
     if not eos_token:
         raise ValueError("eos_token must be a non-empty string (the tokenizer's eos_token, e.g. '<|im_end|>')")
     _check_golds(golds)
-    ok, why = check_format(response)
+    return _rule_reward(response, eos_token, golds, extract_answer, 0.0, "no boxed answer")
+
+
+def _rule_reward(text: str, eos_token: str, golds: Sequence[str], extract: Callable[[str], str | None],
+                 zero: float, no_answer: str) -> RewardResult:
+    """Rules 1-4 on ``text``, in the reference's order: the format gate, the EOS suffix, ``extract`` on the text
+    without that EOS, then max-over-golds F1 (or the 0.1 floor). ``zero`` is the failure score (the reference's is
+    int 0) and ``no_answer`` the reason when ``extract`` finds nothing."""
+    ok, why = check_format(text)
     if not ok:
-        return RewardResult(0.0, f"bad format: {why}", None, 0.0, False)
-    if not response.endswith(eos_token):
-        return RewardResult(0.0, "over length", None, 0.0, True)
-    response = response[: -len(eos_token)]
-    answer = extract_answer(response)
+        return RewardResult(zero, f"bad format: {why}", None, 0.0, False)
+    if not text.endswith(eos_token):
+        return RewardResult(zero, "over length", None, 0.0, True)
+    answer = extract(text[: -len(eos_token)])
     if answer is None:
-        return RewardResult(0.0, "no boxed answer", None, 0.0, True)
+        return RewardResult(zero, no_answer, None, 0.0, True)
     f1 = f1_score(answer, golds)
     if f1 > 0:
         return RewardResult(f1, f"correct answer, f1={f1:.2f}", answer, f1, True)
@@ -327,21 +334,13 @@ def reference_reward(solution_str: str, eos_token: str, golds: Sequence[str] | s
     if len(parts) < 2:
         raise ValueError(f"the reference reward scores prompt + response, but the text holds neither "
                          f"{_ASSISTANT_CHAT!r} nor {_ASSISTANT_BASE!r}")
-    text = parts[1]
-    ok, why = check_format(text)
-    if not ok:
-        return RewardResult(0, f"bad format: {why}", None, 0.0, False)
-    if not text.endswith(eos_token):
-        return RewardResult(0, "over length", None, 0.0, True)
-    text = text[: -len(eos_token)]
+    return _rule_reward(parts[1], eos_token, golds, _reference_answer, 0, "find box error")
+
+
+def _reference_answer(text: str) -> str | None:
+    """The reference's answer: ``reference_last_boxed`` of the first ``<answer>…</answer>`` (across lines)."""
     span = re.search(r"<answer>(.*?)</answer>", text, re.DOTALL)
-    answer = reference_last_boxed(span.group(1)) if span else None
-    if answer is None:
-        return RewardResult(0, "find box error", None, 0.0, True)
-    f1 = f1_score(answer, golds)
-    if f1 > 0:
-        return RewardResult(f1, f"correct answer, f1={f1:.2f}", answer, f1, True)
-    return RewardResult(WRONG_ANSWER_REWARD, "wrong answer but good format", answer, 0.0, True)
+    return reference_last_boxed(span.group(1)) if span else None
 
 
 def _has_search_call(response: str) -> bool:
