@@ -352,9 +352,9 @@ def rank1_rss(model_dir: Path, rank0_load: bool) -> dict:
     return result
 
 
-# ~104M parameters (416 MiB fp32) whose largest tensor (32 MiB) is small beside a rank's half, as at 7B (2.2 GiB
+# ~98M parameters (374 MiB fp32) whose largest tensor (16 MiB) is small beside a rank's half, as at 7B (2.2 GiB
 # embedding beside 30 GiB): rank 1's peak is its shard plus the one tensor in flight
-RSS_PRESET = dict(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+RSS_PRESET = dict(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                   num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
 
 

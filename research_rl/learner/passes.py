@@ -213,7 +213,8 @@ def _token_log_probs_fused(model: torch.nn.Module, mb: Experience, device: torch
     def chunked_head(hidden):  # [1, K, d] -> [1, K, 2]: log-prob and entropy per scored token
         lp, ent = chunked.head_log_probs(hidden[0], head.weight, labels, mb.temperature, chunk, with_entropy,
                                          entropy_grad)
-        return torch.stack([lp, ent if ent is not None else torch.zeros_like(lp)], dim=-1).unsqueeze(0)
+        ent = ent if ent is not None else torch.zeros_like(lp)
+        return torch.stack([lp.unsqueeze(0), ent.unsqueeze(0)], dim=-1)  # a new tensor, not a view (FSDP2's hooks)
 
     handle = head.register_forward_pre_hook(select)
     if chunk:
