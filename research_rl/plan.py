@@ -78,7 +78,7 @@ def make_plan(cfg: Config, gpu: int) -> memory.MemoryPlan:
         offload=cfg.learner.offload, reference_ranks=ref_ranks if cfg.algo.kl_coef > 0 else 0,
         reference_on_gpu=not cfg.reference.offload, vllm_utilization=cfg.rollout.vllm_gpu_memory_utilization,
         vllm_tensor_parallel=cfg.rollout.vllm_tensor_parallel_size, vllm_asleep=cfg.rollout.vllm_sleep_level >= 1,
-        colocated=colocated and cfg.rollout.engine == "vllm", scaled=cfg.rollout.temperature != 1.0)
+        colocated=colocated and cfg.rollout.engine == "vllm")
 
 
 def check(cfg: Config, gpu_gib: float | None = None) -> list[str]:

@@ -31,8 +31,7 @@ import math
 from dataclasses import dataclass
 
 ACTIVATION_MARGIN = 0.10  # the activation formula against saved-tensor hooks on CPU (tests/test_plan.py)
-LOGIT_BYTES_PER_VOCAB = 12  # unchunked at T = 1: three fp32 [K, V] tensors saved per scored token (measured)
-TEMPERATURE_BYTES_PER_VOCAB = 4  # logits / T (T != 1) is one more fp32 [K, V] tensor
+LOGIT_BYTES_PER_VOCAB = 12  # unchunked: three fp32 [K, V] tensors saved per scored token (measured, any temperature)
 ADAM_BYTES = 8  # two fp32 moments per parameter
 GIB = 2**30
 
@@ -121,11 +120,12 @@ def activation_bytes_per_token(shape: ModelShape, dtype_bytes: int, checkpointin
     return shape.layers * layer + base
 
 
-def logits_bytes(shape: ModelShape, scored_tokens: int, chunk: int, dtype_bytes: int, scaled: bool = False) -> int:
+def logits_bytes(shape: ModelShape, scored_tokens: int, chunk: int, dtype_bytes: int) -> int:
     """Bytes the LM head and the log-softmax/entropy need for ``scored_tokens`` at their peak: unchunked, the saved
-    ``[K, V]`` tensors plus the logits in the compute dtype; chunked, the saved head input plus one chunk's
-    block at a time. ``scaled``: a sampling temperature ≠ 1 (logits / T is one more fp32 copy)."""
-    per_token = (LOGIT_BYTES_PER_VOCAB + (TEMPERATURE_BYTES_PER_VOCAB if scaled else 0) + dtype_bytes) * shape.vocab
+    fp32 ``[K, V]`` tensors plus, in half precision, the logits themselves; chunked, the saved head input plus one chunk's
+    block at a time."""
+    half = dtype_bytes if dtype_bytes != 4 else 0  # half-precision logits beside their fp32 copies
+    per_token = (LOGIT_BYTES_PER_VOCAB + half) * shape.vocab
     if chunk <= 0:
         return scored_tokens * per_token
     return scored_tokens * dtype_bytes * shape.hidden + min(chunk, scored_tokens) * per_token
@@ -169,7 +169,7 @@ class MemoryPlan:
 def plan(shape: ModelShape, *, gpu_bytes: int, learner_ranks: int, dtype_bytes: int, checkpointing: bool,
          micro_batch_tokens: int, scored_tokens: int, logits_chunk: int, offload: str, reference_ranks: int,
          reference_on_gpu: bool, vllm_utilization: float, vllm_tensor_parallel: int, vllm_asleep: bool,
-         colocated: bool, scaled: bool = False) -> MemoryPlan:
+         colocated: bool) -> MemoryPlan:
     """The per-GPU memory of one learner rank (and, ``colocated``, the engine and reference sharing its GPU).
 
     Args:
@@ -177,7 +177,6 @@ def plan(shape: ModelShape, *, gpu_bytes: int, learner_ranks: int, dtype_bytes: 
             reference on this GPU). dtype_bytes: compute dtype (2 for bf16). micro_batch_tokens: tokens of the
             largest micro-batch (padded, or real when packed); scored_tokens: its loss tokens. logits_chunk:
             ``learner.logits_chunk_tokens``. offload: ``learner.offload`` (what leaves the GPU during rollout).
-            scaled: the sampling temperature is not 1 (``logits_bytes``).
         vllm_utilization: ``rollout.vllm_gpu_memory_utilization``; vllm_asleep: the engine frees its memory for the
             update (``rollout.vllm_sleep_level`` ≥ 1).
 
@@ -190,8 +189,8 @@ def plan(shape: ModelShape, *, gpu_bytes: int, learner_ranks: int, dtype_bytes: 
     act = activation_bytes_per_token(shape, dtype_bytes, checkpointing)
     act_plain = activation_bytes_per_token(shape, dtype_bytes, False)
     act_ckpt = activation_bytes_per_token(shape, dtype_bytes, True)
-    logits = logits_bytes(shape, scored_tokens, logits_chunk, dtype_bytes, scaled)
-    head_token = logits_bytes(shape, 1, 0, dtype_bytes, scaled)  # one scored token, unchunked
+    logits = logits_bytes(shape, scored_tokens, logits_chunk, dtype_bytes)
+    head_token = logits_bytes(shape, 1, 0, dtype_bytes)  # one scored token, unchunked
     reference = 4 * p // reference_ranks if reference_ranks and reference_on_gpu else 0
     vllm = int(vllm_utilization * gpu_bytes) if colocated else 0
     vllm_weights = 2 * p // max(vllm_tensor_parallel, 1) if colocated else 0
