@@ -61,9 +61,9 @@ VARIANTS = {
                            ref_offload=True),
     "fsdp2_ppo": dict(backend="fsdp2", micro_batch_size=2, algo=PPO),
     "zero3_ppo": dict(backend="deepspeed", zero_stage=3, micro_batch_size=4, max_tokens_per_micro_batch=64, algo=PPO),
-    # packed rows to a budget of 64 real tokens, the LM head over chunks of 16 scored tokens
-    "fsdp2_packed": dict(backend="fsdp2", micro_batch_size=4, pack=True, max_tokens_per_micro_batch=64,
-                         logits_chunk_tokens=16),
+    # the base's micro-batches packed without padding, the LM head over chunks of 16 scored tokens (a real-token
+    # budget regroups the rows; its equality is tests/test_learner_memory.py's, on gradients)
+    "fsdp2_packed": dict(backend="fsdp2", micro_batch_size=4, pack=True, logits_chunk_tokens=16),
     # every rank reads the weights itself (at 2 ranks the other variants receive rank 0's: learner.rank0_load)
     "fsdp2_everyrank_load": dict(backend="fsdp2", micro_batch_size=4, rank0_load=False),
     "fsdp2_refagg": dict(backend="fsdp2", micro_batch_size=2, algo=REF_AGG),

@@ -294,9 +294,10 @@ class LearnerConfig:
     At 7B scale (docs/learner.md#the-learner-at-7b): ``logits_chunk_tokens`` computes the LM head, log-softmax and
     entropy over that many scored tokens at a time, recomputed in backward (0 = all at once); ``pack`` runs each
     micro-batch's rows end to end without padding (the budget then counts real tokens); ``offload`` moves the
-    optimizer state (``optimizer``) or also the parameters and gradients (``all``) to CPU between updates when
-    ``offload()`` / ``reload()`` are called around rollout; ``rank0_load`` builds the model on the meta device on
-    every rank but 0 and fills it with rank 0's weights (one full copy per node at start).
+    optimizer state (``optimizer``) or also the parameters (``all``) to CPU between updates, dropping the
+    gradients, when ``offload()`` / ``reload()`` are called around rollout (DeepSpeed: ZeRO-3 only);
+    ``rank0_load`` (FSDP2) builds the model on the meta device on every rank but 0 and fills it with rank 0's
+    weights (one full copy per node at start; DeepSpeed ranks each read the model).
     """
 
     backend: str = "fsdp2"  # fsdp2 | deepspeed
