@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 from research_rl.learner import memory  # noqa: E402
 from research_rl.learner.chunked import head_log_probs, pack_rows  # noqa: E402
 
-SHAPES = {"qwen2.5-0.5b": memory.KNOWN_SHAPES["Qwen/Qwen2.5-0.5B"], "qwen2.5-1.5b": memory.KNOWN_SHAPES["Qwen/Qwen2.5-1.5B"],
+SHAPES = {"qwen2.5-0.5b": memory.KNOWN_SHAPES["Qwen/Qwen2.5-0.5B"],
+          "qwen2.5-1.5b": memory.KNOWN_SHAPES["Qwen/Qwen2.5-1.5B"],
           "tiny": memory.ModelShape(vocab=2048, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, tied=True)}
 DEVICE = "cuda"  # --smoke: cpu (the same code with gloo, float32, tiny shapes: a check that the script runs)
 LENGTHS = [1536, 1024, 768, 512, 256]  # one micro-batch's sequences: 4,096 tokens, packed without padding

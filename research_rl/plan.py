@@ -112,7 +112,8 @@ def format_plan(cfg: Config, p: memory.MemoryPlan) -> str:
     lines += [f"  {name:<46} {value / gib:9.2f} GiB" for name, value in p.rows()]
     mib = 2**20
     lines += [f"  {'activations per token without checkpointing':<46} {p.activations_per_token_plain / mib:9.3f} MiB",
-              f"  {'activations per token with checkpointing':<46} {p.activations_per_token_checkpointed / mib:9.3f} MiB",
+              f"  {'activations per token with checkpointing':<46} "
+              f"{p.activations_per_token_checkpointed / mib:9.3f} MiB",
               f"  {'logits per scored token, unchunked':<46} {p.logits_per_token_unchunked / mib:9.3f} MiB",
               f"  {'rollout phase total':<46} {p.rollout / gib:9.2f} GiB",
               f"  {'update phase peak':<46} {p.update / gib:9.2f} GiB",

@@ -114,7 +114,8 @@ def test_7b_recipe_plan_terms_and_the_warning_before_ray():
     warnings = plan.check(cfg, gpu_gib=80)
     assert len(warnings) == 1 and "update phase" in warnings[0], warnings
     # ... the chunked head and a packed token budget fit it
-    fitted = _compose("learner.logits_chunk_tokens=1024", "learner.pack=true", "learner.max_tokens_per_micro_batch=16384")
+    fitted = _compose("learner.logits_chunk_tokens=1024", "learner.pack=true",
+                      "learner.max_tokens_per_micro_batch=16384")
     assert plan.check(fitted, gpu_gib=80) == []
     assert plan.make_plan(fitted, 80 * memory.GIB).largest_micro_batch_tokens > 16384
     assert plan.check(_compose(), gpu_gib=141) == []  # 141 GB fits even unchunked

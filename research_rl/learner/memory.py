@@ -122,8 +122,8 @@ def activation_bytes_per_token(shape: ModelShape, dtype_bytes: int, checkpointin
 
 def logits_bytes(shape: ModelShape, scored_tokens: int, chunk: int, dtype_bytes: int) -> int:
     """Bytes the LM head and the log-softmax/entropy need for ``scored_tokens`` at their peak: unchunked, the saved
-    fp32 ``[K, V]`` tensors plus, in half precision, the logits themselves; chunked, the saved head input plus one chunk's
-    block at a time."""
+    fp32 ``[K, V]`` tensors plus, in half precision, the logits themselves; chunked, the saved head input plus one
+    chunk's block at a time."""
     half = dtype_bytes if dtype_bytes != 4 else 0  # half-precision logits beside their fp32 copies
     per_token = (LOGIT_BYTES_PER_VOCAB + half) * shape.vocab
     if chunk <= 0:
