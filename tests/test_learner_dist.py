@@ -9,7 +9,9 @@ parameters as the reference variant (1 rank, FSDP2, fixed micro-batches of 4):
 - token-budget micro-batches (here the two ranks get different numbers of micro-batches, so one of them runs a
   zero-weighted padding pass) = fixed micro-batches;
 - FSDP2 = DeepSpeed ZeRO-2 = ZeRO-3; parameter/optimizer CPU offload and an offloaded reference change nothing;
-- a ``ReferencePolicy`` of its own (what a separate reference group holds) gives the colocated reference's log-probs.
+- a ``ReferencePolicy`` of its own (what a separate reference group holds) gives the colocated reference's log-probs;
+- packed micro-batches with a chunked LM head = fixed padded micro-batches; at 2 ranks, rank 1 building on the meta
+  device and receiving rank 0's weights (``learner.rank0_load``, every FSDP2 variant) = every rank reading them.
 
 The PPO variants (2 mini-batches × 2 epochs: four optimizer steps clipped against the log-probs recorded before
 the first) are compared with their own 1-rank FSDP2 run the same way: 2 ranks × half batch = 1 rank, and ZeRO-3
@@ -59,6 +61,11 @@ VARIANTS = {
                            ref_offload=True),
     "fsdp2_ppo": dict(backend="fsdp2", micro_batch_size=2, algo=PPO),
     "zero3_ppo": dict(backend="deepspeed", zero_stage=3, micro_batch_size=4, max_tokens_per_micro_batch=64, algo=PPO),
+    # the base's micro-batches packed without padding, the LM head over chunks of 16 scored tokens (a real-token
+    # budget regroups the rows; its equality is tests/test_learner_memory.py's, on gradients)
+    "fsdp2_packed": dict(backend="fsdp2", micro_batch_size=4, pack=True, logits_chunk_tokens=16),
+    # every rank reads the weights itself (at 2 ranks the other variants receive rank 0's: learner.rank0_load)
+    "fsdp2_everyrank_load": dict(backend="fsdp2", micro_batch_size=4, rank0_load=False),
     "fsdp2_refagg": dict(backend="fsdp2", micro_batch_size=2, algo=REF_AGG),
     "zero2_refagg": dict(backend="deepspeed", zero_stage=2, micro_batch_size=2, algo=REF_AGG),
 }

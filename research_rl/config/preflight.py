@@ -244,12 +244,15 @@ def check_best_metric(cfg: Config, datasets: set[str]) -> None:
 
 def check_train(cfg: Config) -> list[str]:
     """Everything ``python -m research_rl.train`` can check before ``ray.init``: ``check_config``, the inputs
-    (``check_inputs``) and the dataset of ``validation.best_metric``. Returns the placement notes to print.
+    (``check_inputs``) and the dataset of ``validation.best_metric``. Returns the placement notes to print, and the
+    memory plan's warnings when a phase exceeds the GPU (``research_rl.plan.check``).
 
     Raises:
         ConfigError, FileNotFoundError: naming the key; research_rl.data.DataError: a malformed validation file.
     """
-    notes = check_config(cfg)
+    from research_rl import plan  # the per-GPU memory plan: warnings, not errors (its estimates have margins)
+
+    notes = check_config(cfg) + plan.check(cfg)
     check_inputs(cfg)
     if cfg.validation.every and cfg.validation.best_metric.count("/") == 2:
         check_best_metric(cfg, validation_datasets(cfg))

@@ -30,6 +30,7 @@ TEMPLATES = ("base", "instruct")
 ROLLOUT_ENGINES = ("hf", "vllm")
 ROLLOUT_MODES = ("async", "turn_sync")  # research_rl.rollout.agent_loop.MODES
 LEARNER_BACKENDS = ("fsdp2", "deepspeed")
+LEARNER_OFFLOAD = ("none", "optimizer", "all")
 RETRIEVER_KINDS = ("bm25", "dense")
 PLACEMENTS = ("colocated", "disaggregated")
 PG_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -289,6 +290,14 @@ class LearnerConfig:
     parameter offload). Micro-batches hold ``micro_batch_size`` trajectories, or, with
     ``max_tokens_per_micro_batch`` set, as many as fit that many padded tokens (rows × longest row), grouped by
     length; either way the update is the token-mean over the whole batch.
+
+    At 7B scale (docs/learner.md#the-learner-at-7b): ``logits_chunk_tokens`` computes the LM head, log-softmax and
+    entropy over that many scored tokens at a time, recomputed in backward (0 = all at once); ``pack`` runs each
+    micro-batch's rows end to end without padding (the budget then counts real tokens); ``offload`` moves the
+    optimizer state (``optimizer``) or also the parameters (``all``) to CPU between updates, dropping the
+    gradients, when ``offload()`` / ``reload()`` are called around rollout (DeepSpeed: ZeRO-3 only);
+    ``rank0_load`` (FSDP2) builds the model on the meta device on every rank but 0 and fills it with rank 0's
+    weights (one full copy per node at start; DeepSpeed ranks each read the model).
     """
 
     backend: str = "fsdp2"  # fsdp2 | deepspeed
@@ -305,9 +314,23 @@ class LearnerConfig:
     micro_batch_size: int = 8  # trajectories per forward/backward (when max_tokens_per_micro_batch is null)
     max_tokens_per_micro_batch: Optional[int] = None  # padded tokens per forward/backward; null = micro_batch_size
     weight_sync_bucket_mb: int = 64
+    logits_chunk_tokens: int = 0  # scored tokens per LM-head chunk, recomputed in backward; 0 = unchunked
+    pack: bool = False  # micro-batch rows end to end without padding; max_tokens_per_micro_batch counts real tokens
+    offload: str = "none"  # none | optimizer | all: what offload() moves to CPU between updates (colocated rollout)
+    rank0_load: bool = True  # fsdp2: ranks > 0 build on the meta device and receive rank 0's weights
+    plan_gpu_memory_gib: float = 0.0  # GPU size the memory plan checks (python -m research_rl.plan); 0 = local GPU's
 
     def __post_init__(self) -> None:
         _one_of("learner.backend", self.backend, LEARNER_BACKENDS)
+        _positive("learner.logits_chunk_tokens", self.logits_chunk_tokens, allow_zero=True)
+        _positive("learner.plan_gpu_memory_gib", self.plan_gpu_memory_gib, allow_zero=True)
+        _one_of("learner.offload", self.offload, LEARNER_OFFLOAD)
+        if self.offload != "none" and self.cpu_offload:
+            raise ConfigError("learner.offload", f"{self.offload!r} moves state to CPU between updates, but "
+                              "learner.cpu_offload=true keeps it there always; set one of them")
+        if self.offload != "none" and self.backend == "deepspeed" and self.zero_stage != 3:
+            raise ConfigError("learner.offload", f"{self.offload!r} under DeepSpeed needs learner.zero_stage=3 "
+                              f"(engine.offload_states), got {self.zero_stage}")
         _one_of("learner.zero_stage", self.zero_stage, (2, 3))
         _positive("learner.num_workers", self.num_workers)
         _positive("learner.num_cpus_per_worker", self.num_cpus_per_worker, allow_zero=True)

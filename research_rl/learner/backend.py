@@ -23,14 +23,21 @@ from research_rl.config.schema import LearnerConfig
 class Backend(Protocol):
     """One model of one rank, sharded over the process group (joined before construction).
 
-    Constructed as ``cls(model, cfg, rank, world_size, device, param_dtype, trainable, offload=False)``: ``model``
-    is the HF model in float32 on CPU; ``trainable`` builds the optimizer (a torch AdamW from ``cfg``) and follows
-    ``cfg.cpu_offload``; a frozen model's parameters stay on CPU between passes when ``offload``.
+    Constructed as ``cls(model, cfg, rank, world_size, device, param_dtype, trainable, offload=False,
+    from_rank0=False)``: ``model`` is the HF model in float32 on CPU; ``trainable`` builds the optimizer (a torch
+    AdamW from ``cfg``) and follows ``cfg.cpu_offload``; a frozen model's parameters stay on CPU between passes when
+    ``offload``; with ``from_rank0`` ranks > 0 pass a meta-device model and receive rank 0's weights (FSDP2 only).
     """
 
     name: str  # the learner.backend value, written to a checkpoint's learner.json
     module: torch.nn.Module  # the wrapped model, called like the HF model
     optimizer: torch.optim.Optimizer | None  # the torch optimizer (trainable only; the backend may wrap it)
+
+    def offload(self, params: bool) -> None:
+        """Between phases: optimizer state (and, with ``params``, the parameters) to CPU, gradients dropped."""
+
+    def reload(self, params: bool) -> None:
+        """Back to the device: what ``offload`` moved, bit for bit."""
 
     def zero_grad(self) -> None:
         """Drop the accumulated gradients."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -40,6 +41,7 @@ from research_rl.algo.experience import Experience
 from research_rl.config.schema import AlgoConfig, LearnerConfig
 from research_rl.learner import group
 from research_rl.learner.backend import Backend, backend_class
+from research_rl.learner.group import empty_cache
 from research_rl.learner.passes import batch_log_probs, load_hf_model, micro_batch, rank_plan, token_log_probs
 from research_rl.learner.reference import ReferencePolicy
 from research_rl.learner.weights import cut_buckets, tied_aliases, write_hf_model
@@ -85,19 +87,49 @@ class Learner:
                                  master_port, cpu_offload=self.cfg.cpu_offload)
 
     def load_policy(self, path: str) -> None:
-        """Load (or reload) the trainable policy from an HF directory or model id; a fresh AdamW optimizer."""
-        model = load_hf_model(path, trainable=True, gradient_checkpointing=self.gradient_checkpointing)
+        """Load (or reload) the trainable policy from an HF directory or model id; a fresh AdamW optimizer.
+
+        With ``learner.rank0_load`` under FSDP2 at world size > 1, only rank 0 reads the weights; the other ranks
+        build the model on the meta device and receive rank 0's (``FSDP2Backend(from_rank0=True)``): one full copy
+        of the weights per node at start instead of one per rank. Every rank of the group must call it."""
+        from_rank0 = self.cfg.rank0_load and self.world_size > 1 and self.cfg.backend == "fsdp2"
+        model = load_hf_model(path, trainable=True, gradient_checkpointing=self.gradient_checkpointing,
+                              meta=from_rank0 and self.rank > 0)
         self.hf_config = model.config
         self.generation_config = getattr(model, "generation_config", None)
         self._aliases = tied_aliases(model)
         self.policy = self._backend_cls(model, self.cfg, self.rank, self.world_size, self.device, self.param_dtype,
-                                        trainable=True)
+                                        trainable=True, **({"from_rank0": True} if from_rank0 else {}))
 
     def load_reference(self, path: str, offload: bool = False) -> None:
         """Load the frozen reference policy (the initial policy of RL) on this rank, in the learner's group
         (``ReferencePolicy.load``; ``offload`` keeps its parameters on CPU between passes)."""
         self.reference = ReferencePolicy(self.cfg, self.rank, self.world_size, str(self.device), self.param_dtype)
         self.reference.load(path, offload)
+
+    # ================================================================ memory between phases
+    def offload(self) -> float:
+        """Give the device back for rollout: ``learner.offload=optimizer`` moves the optimizer state to CPU,
+        ``all`` also the parameters (and this rank's colocated reference policy); gradients are dropped (the next
+        update zeroes them first); then the allocator's cache is emptied. ``none`` only empties the cache. Returns
+        the seconds it took (log as ``timing/offload``). Call ``reload`` before the next pass of the policy."""
+        start = time.perf_counter()
+        if self.cfg.offload != "none" and self.policy is not None:
+            self.policy.offload(params=self.cfg.offload == "all")
+        if self.cfg.offload == "all" and self.reference is not None:
+            self.reference.offload()
+        empty_cache(self.device)
+        return time.perf_counter() - start
+
+    def reload(self) -> float:
+        """Undo ``offload``: what it moved back on the device, bit for bit (the next update equals the one without
+        the round trip). Returns the seconds it took (``timing/reload``)."""
+        start = time.perf_counter()
+        if self.cfg.offload != "none" and self.policy is not None:
+            self.policy.reload(params=self.cfg.offload == "all")
+        if self.cfg.offload == "all" and self.reference is not None:
+            self.reference.reload()
+        return time.perf_counter() - start
 
     # ================================================================ log-probs
     def compute_ref_log_probs(self, exp: Experience, keep: bool = False) -> torch.Tensor | None:
@@ -128,7 +160,8 @@ class Learner:
         """
         if self.policy is None:
             raise RuntimeError("compute_log_probs needs load_policy first")
-        return batch_log_probs(self.policy.module, exp, self._plan(exp), self.device)
+        return batch_log_probs(self.policy.module, exp, self._plan(exp), self.device, self.cfg.logits_chunk_tokens,
+                               self.cfg.pack)
 
     def _plan(self, exp: Experience) -> list[list[int] | None]:
         return rank_plan(exp, self.cfg, self.world_size, self.device)
@@ -171,7 +204,8 @@ class Learner:
     def _grpo_loss(self, mb: Experience, num_tokens: float):
         mask = mb.loss_mask[:, 1:].to(self.device).float()
         log_probs, entropy = token_log_probs(self.policy.module, mb, self.device, with_entropy=True,
-                                             entropy_grad=self.algo.entropy_coef != 0)
+                                             entropy_grad=self.algo.entropy_coef != 0,
+                                             chunk=self.cfg.logits_chunk_tokens, pack=self.cfg.pack)
         adv = grpo.broadcast_advantages(mb.advantages.to(self.device).float(), mask)
         ref = None
         if self.algo.kl_coef > 0:
@@ -257,7 +291,8 @@ class Learner:
 
         def nll(mb, num_tokens):
             mask = mb.loss_mask[:, 1:].to(self.device).float()
-            log_probs, _ = token_log_probs(self.policy.module, mb, self.device, with_entropy=False)
+            log_probs, _ = token_log_probs(self.policy.module, mb, self.device, with_entropy=False,
+                                           chunk=self.cfg.logits_chunk_tokens, pack=self.cfg.pack)
             loss = grpo.token_mean(-log_probs, mask, num_tokens=num_tokens)
             return loss, {"nll": loss.detach()}
 

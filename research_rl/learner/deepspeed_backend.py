@@ -89,7 +89,9 @@ class DeepSpeedBackend:
     name = "deepspeed"
 
     def __init__(self, model: torch.nn.Module, cfg: LearnerConfig, rank: int, world_size: int, device: torch.device,
-                 param_dtype: torch.dtype, trainable: bool, offload: bool = False):
+                 param_dtype: torch.dtype, trainable: bool, offload: bool = False, from_rank0: bool = False):
+        if from_rank0:
+            raise ValueError("DeepSpeedBackend loads the full model on every rank (from_rank0 is FSDP2's)")
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.offload = offload and not trainable
         self.optimizer = None
@@ -106,6 +108,36 @@ class DeepSpeedBackend:
             if device.type == "cuda":  # the policy computes in param_dtype under DeepSpeed bf16/fp16; so does this
                 model.to(param_dtype)
             self.module = model.to("cpu" if offload else device)
+
+    def offload(self, params: bool) -> None:
+        """Optimizer state (and, with ``params``, the parameters and gradient buffers) to CPU between updates: the
+        trainable ZeRO-3 engine's ``offload_states``; a frozen ZeRO-2 module moves to CPU whole.
+
+        Raises:
+            ValueError: a trainable engine under ZeRO-2, or a frozen one under ZeRO-3 (use ``reference.offload``,
+                ZeRO-3 parameter offload, instead).
+        """
+        from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum
+
+        if self.optimizer is None:
+            if self.cfg.zero_stage == 3:
+                raise ValueError("a frozen ZeRO-3 model offloads through reference.offload=true (parameter offload)")
+            self.module.to("cpu")
+            return
+        if self.cfg.zero_stage != 3:
+            raise ValueError("learner.offload under DeepSpeed needs learner.zero_stage=3 (engine.offload_states)")
+        include = [OffloadStateTypeEnum.optim_states]
+        if params:
+            include += [OffloadStateTypeEnum.hp_params, OffloadStateTypeEnum.lp_params,
+                        OffloadStateTypeEnum.lp_grads, OffloadStateTypeEnum.contiguous_grad_buffer]
+        self.module.offload_states(include=include, pin_memory=self.device.type == "cuda")
+
+    def reload(self, params: bool) -> None:
+        """Back to the device: what ``offload`` moved."""
+        if self.optimizer is None:
+            self.module.to(self.device)
+            return
+        self.module.reload_states()
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -6,6 +6,15 @@ gradient reduction (``MixedPrecisionPolicy``); ``CPUOffloadPolicy`` keeps parame
 gradients and optimizer state) on CPU. Full weights come from the sharded ``get_model_state_dict``, one
 ``DTensor.full_tensor()`` at a time; the sharded checkpoint is ``torch.distributed.checkpoint`` (DCP) of the model
 and optimizer state dicts, which reloads at any world size.
+
+One copy at start (``from_rank0``): ranks > 0 pass a model built on the meta device; after ``fully_shard`` they
+allocate their shards only (``to_empty``) and receive rank 0's full state dict, broadcast one tensor at a time and
+kept as shards (``set_model_state_dict(..., broadcast_from_rank0=True)``), then rank 0's buffers (RoPE's
+``inv_freq`` is not in the state dict). After verl's ``fsdp2_load_full_state_dict``.
+
+Between phases (``offload`` / ``reload``): optimizer state and, with ``params``, the parameter shards are copied to
+CPU and the device copies dropped, then copied back before the update; gradients are dropped (the next step
+zeroes them first). The copies are exact, so the next update equals the one without the round trip.
 """
 
 from __future__ import annotations
@@ -30,12 +39,14 @@ class FSDP2Backend:
         device: ``cpu`` or ``cuda``. param_dtype: compute dtype on GPU.
         trainable: build a torch AdamW over the shards; offload follows ``cfg.cpu_offload``.
         offload: a frozen model's parameters stay on CPU between passes (ignored when ``trainable``).
+        from_rank0: ``model`` is on the meta device on ranks > 0 and real on rank 0, whose weights every rank
+            receives (module docstring); every rank of the group must pass it.
     """
 
     name = "fsdp2"
 
     def __init__(self, model: torch.nn.Module, cfg: LearnerConfig, rank: int, world_size: int, device: torch.device,
-                 param_dtype: torch.dtype, trainable: bool, offload: bool = False):
+                 param_dtype: torch.dtype, trainable: bool, offload: bool = False, from_rank0: bool = False):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -47,12 +58,42 @@ class FSDP2Backend:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         if offload:
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+        full = dict(model.state_dict()) if from_rank0 and rank == 0 else {}  # rank 0's full tensors, on CPU
         for layer in model.model.layers:
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)  # moves what it shards to the mesh's device (or keeps it on CPU to offload)
+        self.device = torch.device("cpu") if offload else device
+        if from_rank0:
+            self._receive_from_rank0(model, full)
         self.module = model
         self.optimizer = (torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                             weight_decay=cfg.weight_decay) if trainable else None)
+
+    def _receive_from_rank0(self, model: torch.nn.Module, full: dict[str, torch.Tensor]) -> None:
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if self.rank != 0:
+            model.to_empty(device=self.device)  # this rank's shards and buffers, uninitialised
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for _, buf in model.named_buffers():  # non-persistent buffers (RoPE inv_freq) are not in the state dict
+            if self.world_size > 1:
+                dist.broadcast(buf, src=0)
+
+    def offload(self, params: bool) -> None:
+        """Optimizer state (and, with ``params``, the parameter shards) to CPU; gradients dropped."""
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            _move_optimizer_state(self.optimizer, torch.device("cpu"))
+        if params:
+            self.module._apply(lambda t: t.to("cpu", copy=True))  # FSDP2 re-registers the moved shards
+
+    def reload(self, params: bool) -> None:
+        """Back to the device: what ``offload`` moved."""
+        if params:
+            self.module._apply(lambda t: t.to(self.device, copy=True))
+        if self.optimizer is not None:
+            _move_optimizer_state(self.optimizer, self.device)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -107,3 +148,12 @@ class FSDP2Backend:
         dcp.load(state, checkpoint_id=str(path / "dcp"))
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
+
+
+def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Every tensor of the optimizer state (AdamW's moments; ``step`` too) as a new copy on ``device``: a copy even
+    when it is there already, so the same code runs on CPU and frees the old storage on GPU."""
+    for state in optimizer.state.values():
+        for k, v in state.items():
+            if torch.is_tensor(v) and (v.dim() > 0 or v.device.type != "cpu"):
+                state[k] = v.to(device, copy=True)

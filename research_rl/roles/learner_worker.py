@@ -71,6 +71,15 @@ class LearnerWorker:
         """GRPO optimizer steps on ``exp`` (or the kept shard); ``actor/*`` metrics reduced over ranks."""
         return self.learner.update(exp)
 
+    def offload(self) -> float:
+        """Before rollout on a shared GPU: ``Learner.offload`` (``learner.offload``; empties the CUDA cache).
+        Returns the seconds it took (``timing/offload``)."""
+        return self.learner.offload()
+
+    def reload(self) -> float:
+        """After rollout, before the next policy pass: ``Learner.reload``. Returns seconds (``timing/reload``)."""
+        return self.learner.reload()
+
     def sft_step(self, exp: Experience, lr: float) -> dict[str, float]:
         return self.learner.sft_step(exp, lr)
 

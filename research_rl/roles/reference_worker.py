@@ -46,3 +46,12 @@ class ReferenceWorker:
     def compute_ref_log_probs(self, exp: Experience) -> torch.Tensor:
         """log π_ref of this rank's shard, ``[n, L-1]`` float32 on CPU (``ReferencePolicy.compute_log_probs``)."""
         return self.reference.compute_log_probs(exp)
+
+    def offload(self) -> float:
+        """Before rollout on a shared GPU: ``ReferencePolicy.offload`` (parameters to CPU, CUDA cache emptied).
+        Returns the seconds it took (``timing/offload``)."""
+        return self.reference.offload()
+
+    def reload(self) -> float:
+        """Before the reference log-prob pass: ``ReferencePolicy.reload``. Returns seconds (``timing/reload``)."""
+        return self.reference.reload()
