@@ -36,8 +36,9 @@ def tiny_overrides(model_dir, index_dir, run_dir) -> list[str]:
 
 def test_two_grpo_steps_checkpoint_and_resume(debug_model_dir, bm25_index, tmp_path, tokenizer):
     run = tmp_path / "run"
+    # learner.offload: the optimizer state goes to CPU around each rollout (a round trip that changes nothing)
     proc = _train(tiny_overrides(debug_model_dir, bm25_index, run) + ["trainer.total_steps=2", "trainer.save_every=1",
-                                                                      "validation.every=2"])
+                                                                      "validation.every=2", "learner.offload=optimizer"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "research-rl run finished" in proc.stdout
 
@@ -45,7 +46,8 @@ def test_two_grpo_steps_checkpoint_and_resume(debug_model_dir, bm25_index, tmp_p
     steps = [r for r in rows if r["step"] >= 1 and "rollout/reward_mean" in r]
     assert [r["step"] for r in steps] == [1, 2]
     for key in ("rollout/reward_mean", "rollout/searches_per_traj", "rollout/response_len", "actor/kl",
-                "actor/entropy", "actor/grad_norm", "timing/rollout", "timing/update", "timing/sync",
+                "actor/entropy", "actor/grad_norm", "timing/rollout", "timing/update", "timing/sync", "timing/offload",
+                "timing/reload",
                 "sync/probe_max_diff", "retriever/p50_ms", "retriever/p99_ms", "retriever/batch_size",
                 "retriever/cache_hit_rate", "retriever/errors"):
         assert key in steps[-1], key

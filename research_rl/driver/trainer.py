@@ -273,8 +273,14 @@ class GRPOTrainer:
             s.step += 1
             t_step, timings = time.perf_counter(), {}
             questions = self.stream.next_batch(cfg.trainer.prompts_per_step)
+            if cfg.learner.offload != "none":  # colocated: the engines get the GPU memory while they generate
+                with self._phase("offload", timings):
+                    self.handover("offload")
             with self._phase("rollout", timings):
                 questions, trajs = self._rollout(questions, greedy=False, group_size=cfg.rollout.group_size)
+            if cfg.learner.offload != "none":
+                with self._phase("reload", timings):
+                    self.handover("reload")
             with self._phase("reward", timings):
                 rewards = self.rewards(questions, trajs)
             exp = build_experience(questions, trajs, rewards, self.tokenizer.pad_token_id, s.policy_version,
@@ -304,6 +310,13 @@ class GRPOTrainer:
             tqdm.write(f"stopping: trainer.max_minutes={limit} reached")
             return False
         return self.state.step < self.total_steps
+
+    def handover(self, method: str) -> None:
+        """``learner.offload``: ``offload`` moves the learner ranks' (and separate reference ranks') state to CPU
+        before the rollout, ``reload`` brings it back after it, each emptying the CUDA cache (docs/learner.md)."""
+        self.learners.call(method)
+        if self.references:
+            self.references.call(method)
 
     def rewards(self, questions: list[Question], trajs: list[Trajectory]) -> list[RewardResult]:
         """``reward.kind``'s reward of each response against its question's golden answers; the reference reward
