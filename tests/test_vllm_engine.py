@@ -175,3 +175,19 @@ def test_agent_loop_on_vllm_matches_the_hf_engine(synced, engine, trained, tok, 
     for v, h in zip(on_vllm, on_hf):
         assert (v.response_ids, v.loss_mask, v.queries, v.finish_reason) == \
             (h.response_ids, h.loss_mask, h.queries, h.finish_reason)
+
+
+def test_generation_stops_at_every_eos_id(synced, engine, tok):
+    """vLLM stops on the whole EOS set (``stop_token_ids``), as the HF engine does: the greedy first token of a
+    prompt, made a second EOS id, ends the response after one token with finish "eos"; without it generation runs
+    on (the engine's set is what ``VLLMEngine(eos_ids=...)`` was given; swapped here to reuse the started engine)."""
+    p = _prompt(tok, QUESTIONS[1])
+    (first,) = engine.generate([p], [1], SamplingParams(greedy=True))
+    assert first.finish == "length" and len(first.token_ids) == 1
+    saved = engine.eos_ids
+    engine.eos_ids = [tok.eos_token_id, first.token_ids[0]]
+    try:
+        (out,) = engine.generate([p], [16], SamplingParams(greedy=True))
+    finally:
+        engine.eos_ids = saved
+    assert (out.token_ids, out.finish) == (first.token_ids, "eos")
