@@ -208,14 +208,20 @@ def check_retriever(cfg: Config) -> None:
 
 
 def check_inputs(cfg: Config) -> None:
-    """Training's inputs: the data files (``data.train_files``, ``data.val_files``, ``data.corpus_path``), the model
+    """Training's inputs: the data files (``data.train_files``, ``data.val_files``: ``.jsonl`` or ``.parquet``;
+    ``data.corpus_path``), the model
     directory and the retriever (``check_model``, ``check_retriever``).
 
     Raises:
         FileNotFoundError, ConfigError: naming the key.
     """
+    from research_rl.data import QUESTION_FORMATS
+
     for key in ("train_files", "val_files"):
         for f in getattr(cfg.data, key):
+            if Path(f).suffix not in QUESTION_FORMATS:
+                raise ConfigError(f"data.{key}", f"{f}: expected a question file ending in "
+                                  + " or ".join(f"{ext} ({name})" for ext, name in QUESTION_FORMATS.items()))
             _need_file(f"data.{key}", f)
     _need_file("data.corpus_path", cfg.data.corpus_path)
     check_model(cfg, built=cfg.warmup.enabled)  # debug mode (warm-up) always runs a model built from config

@@ -133,7 +133,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """FlashRAG JSONL question files (``id``, ``question``, ``golden_answers``) and the passage corpus."""
+    """Question files, FlashRAG JSONL (``.jsonl``: ``id``, ``question``, ``golden_answers``) or verl / Search-R1
+    parquet (``.parquet``: ``data_source``, ``prompt``, ``reward_model.ground_truth.target``, ``extra_info``; the
+    field mapping is in research_rl/data.py), and the passage corpus (FlashRAG JSONL)."""
 
     train_files: list[str] = field(default_factory=lambda: ["data/musique/train.jsonl"])
     val_files: list[str] = field(default_factory=lambda: ["data/musique/dev.jsonl"])
@@ -146,7 +148,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not self.train_files:
-            raise ConfigError("data.train_files", "needs at least one JSONL file")
+            raise ConfigError("data.train_files", "needs at least one question file (.jsonl or .parquet)")
         _positive("data.max_prompt_len", self.max_prompt_len)
 
 
