@@ -697,8 +697,9 @@ def unknown_key(key: str) -> ConfigError:
     section = key.rsplit(".", 1)[0] if "." in key else ""
     valid = sorted(k.rsplit(".", 1)[-1] for k in schema_keys() if k.rsplit(".", 1)[0] == section and "." in k) \
         if section else sorted(k for k in schema_keys() if "." not in k)
-    where = f" under {section}" if section else ""
-    return ConfigError(key, f"unknown key{did_you_mean(key)} (valid keys{where}: {valid})")
+    where = f"valid keys under {section}: {valid}" if section else f"top-level keys: {valid}"
+    return ConfigError(key, f"unknown key{did_you_mean(key)}" + (f" ({where})" if valid else
+                                                                 f" (no section {section!r})"))
 
 
 def _check_known_keys(node: DictConfig, schema: type, prefix: str = "") -> None:
