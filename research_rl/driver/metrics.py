@@ -170,8 +170,10 @@ def tee_output(path: str | Path):
     saved = sys.stdout, sys.stderr
     with path.open("a", encoding="utf-8") as f:
         sys.stdout, sys.stderr = _Tee(sys.stdout, f), _Tee(sys.stderr, f)
-        handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)
-                    and getattr(h, "stream", None) in saved]
+        loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                          if isinstance(lg, logging.Logger))]
+        handlers = {h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler)
+                    and getattr(h, "stream", None) in saved}
         for h in handlers:
             h.setStream(sys.stdout if h.stream is saved[0] else sys.stderr)
         try:
