@@ -33,6 +33,7 @@ PANELS = [  # (file name, title, metric keys, y label); "val/*/em" expands to ev
     ("entropy", "Policy entropy", ["actor/entropy"], "nats"),
     ("reward_wallclock", "Training reward over wall-clock time", ["rollout/reward_mean"], "mean reward"),
 ]
+RATES = {"format_ok", "validation", "validation_datasets", "validation_format_fail"}  # fractions: y in [0, 1]
 SMOOTHED = "rollout/reward_mean"  # drawn smoothed, with its spread (SPREAD) as a band
 SPREAD = "rollout/reward_std"
 
@@ -140,6 +141,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, x: str = "s
                                     color="tab:blue", alpha=0.15, label="± trajectory spread (std)")
             else:
                 ax.plot(xs, values, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+        if name in RATES:
+            ax.set_ylim(-0.03, 1.03)  # a flat 0 or 1 reads as what it is, not as noise around it
         ax.set_title(title)
         ax.set_xlabel("wall-clock minutes" if axis == "minutes" else "step")
         ax.set_ylabel(ylabel)

@@ -2,6 +2,7 @@
 Search-R1's layout, as its scripts/data_process/*.py write them) and FlashRAG JSONL, converted both ways."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,47 @@ def test_convert_round_trip_through_the_cli(tmp_path):
     original, converted = load_questions(src), load_questions(back)
     assert [(q.id, q.question, q.golden_answers, q.supporting_ids, q.dataset) for q in original] == \
         [(q.id, q.question, q.golden_answers, q.supporting_ids, q.dataset) for q in converted]
+
+
+def _train(args, timeout):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "research_rl.train", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _search_r1_train_file(tmp_path, broken_row: int | None = None) -> Path:
+    rows = [search_r1_row(i, json.loads(line)["question"], json.loads(line)["golden_answers"], "musique")
+            for i, line in enumerate((ROOT / "data/musique/train.jsonl").read_text().splitlines()[:8])]
+    if broken_row is not None:
+        rows[broken_row]["reward_model"] = {"style": "rule", "ground_truth": {"target": []}}
+    path = tmp_path / "musique" / "train.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def test_a_broken_parquet_row_stops_training_before_ray_naming_file_row_and_field(debug_model_dir, bm25_index,
+                                                                                  tmp_path):
+    path = _search_r1_train_file(tmp_path, broken_row=5)
+    proc = _train(["experiment=debug_cpu", f"model.path={debug_model_dir}", f"retriever.index_dir={bm25_index}",
+                   f"trainer.output_dir={tmp_path / 'run'}", f"data.train_files=[{path}]"], timeout=180)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{path}: row 5: no usable 'golden_answers'") and "reward_model.ground_truth.target" in last
+    assert "Traceback" not in proc.stderr and "Started a local Ray instance" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_training_on_a_search_r1_parquet_file(debug_model_dir, bm25_index, tmp_path):
+    path = _search_r1_train_file(tmp_path)
+    run = tmp_path / "run"
+    proc = _train(["experiment=debug_cpu", f"model.path={debug_model_dir}", f"retriever.index_dir={bm25_index}",
+                   f"trainer.output_dir={run}", f"data.train_files=[{path}]", "trainer.total_steps=1",
+                   "warmup.steps=3", "validation.every=0", "trainer.prompts_per_step=2", "rollout.group_size=2",
+                   "rollout.max_response_len=48", "ray.num_cpus=4", "learner.micro_batch_size=2"], timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "rollouts" / "step_000001.jsonl").read_text().splitlines()]
+    questions = {json.loads(line)["question"] for line in (ROOT / "data/musique/train.jsonl").read_text().splitlines()[:8]}
+    assert rows and {r["question"] for r in rows} <= questions  # the parquet's questions, parsed from the prompt
+    assert "research-rl run finished" in (run / "train.log").read_text()
