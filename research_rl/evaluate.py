@@ -1,5 +1,6 @@
 """Evaluation (ReSearch §3.1):
-``python -m research_rl.evaluate model.path=… eval.datasets=[hotpotqa,2wikimultihopqa,musique,bamboogle]``.
+``python -m research_rl.evaluate model.path=… eval.datasets=[hotpotqa,2wikimultihopqa,musique,bamboogle]``;
+``python -m research_rl.evaluate summary [DIR]`` prints the table of every evaluation under DIR (``outputs/eval``).
 
 The ReSearch inference pipeline of the paper's §3.1 evaluation, in one process (no Ray): the policy on Hugging Face
 transformers (CUDA when available, else CPU), the same ``AgentLoop`` as training, greedy decoding, the shared
@@ -12,10 +13,16 @@ prompt; ``instruct``: system prompt + chat template), honoured for the method an
 prompts; see ``research_rl.algo.evaluation``). Scoring is ``research_rl.algo.evaluation`` (also used by the trainer's
 validation); an LLM judge runs when ``eval.judge.base_url`` is set.
 
-Writes to ``eval.output_dir``: ``examples_<dataset>.jsonl`` (question, golden answers, prediction, the prompt, the
+Writes to ``eval.output_dir``, by default ``outputs/eval/<eval.tag>/<eval.method>`` with the tag read from
+``model.path`` (``RUN-step_000040`` for a step checkpoint, ``RUN-best-step_000030`` for ``checkpoints/best``, the
+model's name otherwise: ``research_rl.config.schema.model_tag``), so every model and step has its own folder; a folder
+that holds an evaluation is never written again (``preflight.check_eval_output``). The files: ``examples_<dataset>.jsonl`` (question, golden answers, prediction, the prompt, the
 full trajectory text, searches and queries, per-example metrics, the judge's verdict), ``metrics.json`` (per-dataset
 and overall metrics plus what was run) and ``results.md`` (our numbers next to the paper's Table 2 row for the same
-model size, template and method, "n/a" where the paper's row is not stored); the table is also printed.
+model size, template and method, "n/a" where the paper's row is not stored); the table is also printed. Then
+``summary.md`` two levels up (``outputs/eval/summary.md``) is rewritten: one row per evaluation found under it
+(``summary_table``; ``python -m research_rl.evaluate summary [DIR]`` prints it). Everything printed is also in
+``eval.output_dir/evaluate.log``.
 
 Choices: every question is evaluated whatever its prompt length (``data.max_prompt_len`` only filters training
 prompts); the engine is always HF transformers (``rollout.engine`` configures training rollouts only); a baseline's
@@ -32,7 +39,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from research_rl.config.compose import CONF_DIR
+from research_rl.config.compose import CONF_DIR, exit_on_bad_overrides
 from research_rl.config.preflight import check_evaluate, question_files
 from research_rl.config.schema import Config, ConfigError, load_config
 
@@ -160,16 +167,18 @@ def run_evaluation(cfg: Config) -> dict:
     Returns:
         ``{"metrics": {...}, "table": markdown, "output_dir": path}``.
     Raises:
-        ConfigError: a question file is missing (``question_files``).
+        ConfigError: a question file is missing (``question_files``), or ``eval.output_dir`` holds an evaluation.
         FileNotFoundError: the model directory, corpus or index is missing.
     """
-    from tqdm import tqdm
-
     from research_rl.algo import evaluation
     from research_rl.data import load_questions
+    from research_rl.driver.metrics import progress
+
+    from research_rl.config.preflight import check_eval_output
 
     ev = cfg.eval
     files = question_files(ev)
+    check_eval_output(ev)
     out_dir = Path(ev.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     samples = {name: evaluation.sample_questions(load_questions(path, name), ev.limit, ev.seed)
@@ -189,7 +198,7 @@ def run_evaluation(cfg: Config) -> dict:
     all_rows: list[dict] = []
     judge_metrics: dict[str, float] = {}
     all_verdicts: list = []
-    bar = tqdm(total=sum(len(q) for q in samples.values()), desc=f"evaluate {ev.method}", unit="question")
+    bar = progress(sum(len(q) for q in samples.values()), f"evaluate {ev.method}", "questions")
     for name, questions in samples.items():
         rows: list[dict] = []
         for start in range(0, len(questions), ev.batch_size):
@@ -232,21 +241,68 @@ def run_evaluation(cfg: Config) -> dict:
     }
     (out_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
     (out_dir / "results.md").write_text(table)
-    return {"metrics": metrics, "table": table, "output_dir": str(out_dir)}
+    root = out_dir.resolve().parents[1]
+    (root / "summary.md").write_text(summary_table(root))
+    return {"metrics": metrics, "table": table, "output_dir": str(out_dir), "summary": str(root / "summary.md")}
+
+
+def evaluations(root: str | Path) -> list[tuple[str, dict]]:
+    """``(folder relative to root, metrics.json record)`` of every evaluation one or two levels under ``root``
+    (``TAG/METHOD/metrics.json``), oldest first."""
+    root = Path(root)
+    found = []
+    for path in [*root.glob("*/metrics.json"), *root.glob("*/*/metrics.json")]:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and "metrics" in record and "method" in record:
+            found.append((path.stat().st_mtime, str(path.parent.relative_to(root)), record))
+    return [(rel, record) for _, rel, record in sorted(found, key=lambda t: t[:2])]
+
+
+def summary_table(root: str | Path) -> str:
+    """A markdown table of every evaluation under ``root`` (``evaluations``): one row per folder with its method,
+    model, questions, EM and F1 per dataset (as %) and overall."""
+    rows = evaluations(root)
+    datasets = sorted({name for _, r in rows for name in r.get("questions", {})})
+    head = ["evaluation", "method", "model", "n", *[f"{d} EM / F1" for d in datasets], "all EM / F1"]
+    lines = [f"# Evaluations under {Path(root)}", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
+
+    def pair(m: dict, prefix: str) -> str:
+        em, f1 = m.get(f"{prefix}em"), m.get(f"{prefix}f1")
+        return "" if em is None else f"{100 * em:.1f} / {100 * f1:.1f}"
+
+    for rel, r in rows:
+        m = r["metrics"]
+        lines.append("| " + " | ".join([rel, r["method"], str(r.get("model")), str(m.get("n", "")),
+                                         *[pair(m, f"{d}/") for d in datasets], pair(m, "")]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base="1.3")
 def main(dcfg: DictConfig) -> dict:
+    from research_rl.driver.metrics import plain_output, tee_output
+
+    plain_output()
+
     try:
         cfg = load_config(dcfg)
         check_evaluate(cfg)  # the files, model and retriever this run uses, before loading the model
     except (ConfigError, FileNotFoundError) as e:
         sys.exit(str(e))
-    result = run_evaluation(cfg)
-    print("\n" + result["table"])
-    print(f"examples, metrics.json and results.md in {result['output_dir']}")
+    with tee_output(Path(cfg.eval.output_dir) / "evaluate.log"):
+        result = run_evaluation(cfg)
+        print("\n" + result["table"])
+        print(f"examples, metrics.json and results.md in {result['output_dir']}; all evaluations: "
+              f"{result['summary']}")
     return result["metrics"]
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["summary"]:  # python -m research_rl.evaluate summary [DIR]: the table of every evaluation
+        print(summary_table(sys.argv[2] if len(sys.argv) > 2 else "outputs/eval"), end="")
+        sys.exit(0)
+    exit_on_bad_overrides()  # an unknown key fails with "did you mean", before Hydra composes
     main()

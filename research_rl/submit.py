@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 EXCLUDES = [".git", ".venv", "venv*", ".ruff_cache", "outputs", "multirun", "artifacts", "data/full", ".pytest_cache", "**/__pycache__",
             "*.egg-info", "wandb", "*.log"]
-ENV_PASSTHROUGH = ("HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "WANDB_API_KEY", "WANDB_MODE",
+ENV_PASSTHROUGH = ("HF_HOME", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "WANDB_API_KEY", "WANDB_MODE",
                    "WANDB_ENTITY", "TOKENIZERS_PARALLELISM", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME",
                    "GLOO_SOCKET_IFNAME", "OPENAI_API_KEY")
 # config keys holding paths the job reads or writes
@@ -85,7 +85,8 @@ def build_job(experiment: str, overrides: list[str], storage: str | None = None,
         else:
             continue
         extra.append(f"{key}={target}")
-    env_vars = {k: os.environ[k] for k in ENV_PASSTHROUGH if k in os.environ}
+    # a job's output is a log, never a terminal: the Hugging Face libraries' progress bars off (their own setting)
+    env_vars = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", **{k: os.environ[k] for k in ENV_PASSTHROUGH if k in os.environ}}
     for item in env:
         if "=" not in item:
             raise ValueError(f"--env expects KEY=VALUE, got {item!r}")

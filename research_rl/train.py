@@ -4,19 +4,26 @@ with its own output directory and Ray namespace, summarised by ``research_rl.swe
 The config is composed, converted to the typed ``Config`` and validated, then
 ``research_rl.config.preflight.check_train`` checks what the run uses (placement, the local CPUs, installed backends,
 data files, the model directory, the retriever): a bad value or a missing file fails here, naming its key, before
-the trainer is imported and before Ray or any actor starts.
+the trainer is imported and before Ray or any actor starts. Then the run directory (``check_run_dir``): a run whose
+saved ``config.yaml`` differs in anything but the run-control keys is refused with the differing keys listed
+(``trainer.resume=force`` continues it anyway; ``trainer.output_dir=NEW_DIR`` starts another), and a finished run
+prints "already finished at step N" and exits 0.
+
+``trainer.output_dir`` defaults to ``outputs/<experiment_name>/<date>/<time>``, a fresh directory per run as in
+Hydra's own default; name an existing directory to continue (or extend) its run.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from research_rl.config.compose import CONF_DIR
-from research_rl.config.preflight import check_train
+from research_rl.config.compose import CONF_DIR, exit_on_bad_overrides
+from research_rl.config.preflight import check_run_dir, check_train
 from research_rl.config.schema import ConfigError, load_config
 from research_rl.data import DataError
 
@@ -77,23 +84,37 @@ def main(dcfg: DictConfig) -> dict:
     try:
         cfg = load_config(dcfg)
         notes = check_train(cfg)
+        finished = check_run_dir(cfg)
     except (ConfigError, FileNotFoundError, DataError) as e:
         if multirun:
             raise  # the sweep records this run as failed and goes on with the next one
         sys.exit(str(e))
-    for note in notes:
-        print(note)
-    from research_rl.driver.trainer import GRPOTrainer
+    if finished:
+        print(finished)
+        return json.loads((Path(cfg.trainer.output_dir) / "summary.json").read_text())
+    from research_rl.driver.metrics import plain_output, tee_output
 
-    trainer = GRPOTrainer(cfg)
-    try:
-        trainer.setup()
-        summary = trainer.run()
-    finally:
-        trainer.cleanup()
-    print(format_summary(summary))
+    plain_output()  # before Ray starts: its workers inherit the setting
+
+    with tee_output(Path(cfg.trainer.output_dir) / "train.log"):  # the run's console output, kept with the run
+        for note in notes:
+            print(note)
+        from research_rl.driver.trainer import GRPOTrainer
+
+        trainer = GRPOTrainer(cfg)
+        try:
+            trainer.setup()
+            summary = trainer.run()
+        except DataError as e:  # a malformed training file, read by setup before Ray starts
+            if multirun:
+                raise
+            sys.exit(str(e))
+        finally:
+            trainer.cleanup()
+        print(format_summary(summary))
     return summary
 
 
 if __name__ == "__main__":
+    exit_on_bad_overrides()  # an unknown key fails with "did you mean", before Hydra composes
     main()

@@ -12,6 +12,13 @@
   schema (``research_rl.config.schema.Config``). Inline values may be placeholders (``eval.files=[PATH,...]``), so only the
   key is checked there.
 
+- Every file a doc names inside a checkpoint (a line about ``checkpoints/``) is in the layout that
+  research_rl/driver/checkpoint.py documents and writes (``checkpoint_names``).
+- Every entry point (a top-level ``research_rl`` module with a ``__main__`` block) is named in the README as
+  ``python -m research_rl.NAME``.
+- The demo's figures in the README agree with ``conf/experiment/debug_cpu.yaml`` (``demo_problems``): the step
+  budget and the time budget it stops on, the number of validation questions and the validated steps.
+
 The self-tests at the end feed each checker a known-bad input, so a checker that stopped checking fails.
 """
 
@@ -325,6 +332,97 @@ def test_the_deviations_list_names_each_switch_to_the_reference(switch):
     section_name, field = key.split(".")
     assert str(getattr(getattr(cfg, section_name), field)).lower() == value
 
+# ---------------------------------------------------------------------------------------------- drift
+CHECKPOINT_TOKEN = re.compile(r"`([\w-]+(?:\.(?:pt|pth|bin|json|safetensors|ya?ml|npy)|/))`")  # a file or a folder
+
+
+def checkpoint_names() -> set[str]:
+    """The names inside a checkpoint directory: the layout block of research_rl/driver/checkpoint.py's docstring
+    (each line's first word) and the file names the module writes (``STATE_FILE``, ``MANIFEST``, ``SHARDED``)."""
+    from research_rl.driver import checkpoint
+
+    doc = checkpoint.__doc__
+    layout = doc.split("::", 1)[1].split("\n\n", 2)[1]
+    names = {m.group(1) for line in layout.splitlines() if (m := re.match(r"\s*([\w.-]+/?)\s", line))}
+    return names | {checkpoint.STATE_FILE, checkpoint.MANIFEST, f"{checkpoint.SHARDED}/", "model/"}
+
+
+def checkpoint_file_problems(doc: Doc) -> list[str]:
+    """File names in ``doc``'s lines about ``checkpoints/...`` (table rows, list items) that a checkpoint does not
+    hold: a backticked name with a file suffix or a trailing ``/`` other than the checkpoint paths themselves."""
+    known = checkpoint_names()
+    problems = []
+    for n, line in doc.prose:
+        if "checkpoints/step_" not in line:
+            continue
+        for token in CHECKPOINT_TOKEN.findall(line):
+            if token.startswith(("checkpoints", "step_", "best")):
+                continue
+            if token not in known:
+                problems.append(f"{doc.path.name}:{n}: `{token}` is not in a checkpoint (it holds {sorted(known)})")
+    return problems
+
+
+def entry_points() -> list[str]:
+    """``research_rl.NAME`` for every top-level module that runs as ``python -m``."""
+    return sorted(f"research_rl.{p.stem}" for p in (ROOT / "research_rl").glob("*.py")
+                  if "__name__ == \"__main__\"" in p.read_text())
+
+
+def demo_problems(readme: str, exp: dict) -> list[str]:
+    """Where the README's "What the demo shows" disagrees with the demo's experiment file (``exp``, the parsed
+    YAML): the steps it ran (at most ``trainer.total_steps``; "all N steps" only when N is that budget, else the
+    time budget ``trainer.max_minutes=X`` must be named with its value), its minutes (within the time budget),
+    "(of N)" validation questions (``validation.num_questions``), the validated steps (multiples of
+    ``validation.every`` up to the steps run) and the warm-up steps named (``warmup.steps``)."""
+    section = readme.split("## What the demo shows", 1)[1].split("\n## ", 1)[0]
+    t, v = exp["trainer"], exp["validation"]
+    problems = []
+    ran = re.search(r"(all )?(\d+) steps in ([\d.]+) minutes", section)
+    if not ran:
+        return ["the demo section states no 'N steps in M minutes'"]
+    every_step, steps, minutes = bool(ran.group(1)), int(ran.group(2)), float(ran.group(3))
+    if steps > t["total_steps"] or (every_step and steps != t["total_steps"]):
+        problems.append(f"{ran.group(0)!r}, but trainer.total_steps={t['total_steps']}")
+    budget = t.get("max_minutes")
+    if budget is not None:
+        if f"trainer.max_minutes={budget:g}" not in section:
+            problems.append(f"the demo stops on trainer.max_minutes={budget:g}, which the section does not name")
+        if minutes > budget + 1:
+            problems.append(f"{ran.group(0)!r} exceeds trainer.max_minutes={budget:g}")
+    of = re.search(r"\(of (\d+)\)", section)
+    if of and int(of.group(1)) != v["num_questions"]:
+        problems.append(f"validation '(of {of.group(1)})', but validation.num_questions={v['num_questions']}")
+    at = re.search(r"at steps ([\d, ]+)", section)
+    if at:
+        for s in (int(x) for x in at.group(1).replace(" ", "").split(",") if x):
+            if s > steps or (s % v["every"] and s != steps):
+                problems.append(f"validation at step {s}: not a multiple of validation.every={v['every']} up to "
+                                f"the {steps} steps run")
+    warm = re.search(r"warm-up \| [^|]*?(\d+) steps", section)
+    if warm and int(warm.group(1)) != exp["warmup"]["steps"]:
+        problems.append(f"warm-up of {warm.group(1)} steps, but warmup.steps={exp['warmup']['steps']}")
+    return problems
+
+
+def test_checkpoint_file_lists_match_the_layout():
+    problems = [p for d in DOCS for p in checkpoint_file_problems(d)]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("module", entry_points())
+def test_every_entry_point_is_in_the_readme(module):
+    assert module in modules(DOCS[0]), f"`python -m {module}` is an entry point the README does not name"
+
+
+def test_the_demo_figures_match_its_config():
+    import yaml
+
+    exp = yaml.safe_load((ROOT / "conf/experiment/debug_cpu.yaml").read_text())
+    problems = demo_problems((ROOT / "README.md").read_text(), exp)
+    assert not problems, "README.md, What the demo shows:\n  " + "\n  ".join(problems)
+
+
 # ---------------------------------------------------------------------------------------------- self-tests
 def test_checkers_catch_what_they_should(tmp_path):
     page = tmp_path / "page.md"
@@ -347,5 +445,18 @@ def test_checkers_catch_what_they_should(tmp_path):
     assert check_key("ray.init") is None  # a Ray function, not a key
 
     assert split_sweep("0,0.001") == ["0", "0.001"] and split_sweep("[a,b]") == ["[a,b]"]
+
+    stale = parse(page, "| `checkpoints/step_NNNNNN/` | `model/`, `optimizer.pt`, `trainer_state.json` |\n")
+    assert [p for p in checkpoint_file_problems(stale) if "optimizer.pt" in p] and \
+        len(checkpoint_file_problems(stale)) == 1
+    assert "research_rl.export" in entry_points() and "research_rl.train" in entry_points()
+    exp = {"trainer": {"total_steps": 40, "max_minutes": 3.5}, "validation": {"every": 10, "num_questions": 20},
+           "warmup": {"steps": 150}}
+    good = ("## What the demo shows\n| warm-up | 63 s (150 steps) |\n| GRPO | 31 steps in 3.5 minutes, stopped by "
+            "trainer.max_minutes=3.5 |\n| failing (of 20) | at steps 10, 20, 30, 31 |\n## Next\n")
+    assert demo_problems(good, exp) == []
+    assert len(demo_problems(good.replace("31 steps", "all 31 steps"), exp)) == 1  # "all" but not the budget
+    assert len(demo_problems(good.replace("trainer.max_minutes=3.5 |", "time |"), exp)) == 1  # budget unnamed
+    assert len(demo_problems(good.replace("(of 20)", "(of 10)").replace("150 steps", "100 steps"), exp)) == 2
     assert modules(parse(page, "run `python -m research_rl.train`. Then python3 -m retriever_service.serve.")) == \
         ["research_rl.train", "retriever_service.serve"]

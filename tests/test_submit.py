@@ -4,6 +4,7 @@ Real submissions to a two-node cluster are in tests/test_cluster.py."""
 from __future__ import annotations
 
 import json
+import re
 import shlex
 
 import pytest
@@ -24,13 +25,17 @@ def test_job_runs_train_with_the_overrides_and_uploads_the_repo_without_heavy_di
     assert args[:5] == ["python", "-m", "research_rl.train", "experiment=debug_cpu", "ray.address=auto"]
     assert "trainer.total_steps=3" in args and "ray.address=10.0.0.1:6379" not in args
     # the output directory goes to the storage every node sees; excluded inputs are read where they are
-    assert f"trainer.output_dir={tmp_path}/outputs/debug_cpu" in args
+    # (the default outputs/EXP/DATE/TIME, resolved here once: a resubmitted job continues the same directory)
+    out = [a for a in args if a.startswith("trainer.output_dir=")]
+    assert len(out) == 1 and re.fullmatch(rf"trainer\.output_dir={tmp_path}/outputs/debug_cpu/\d{{4}}-\d\d-\d\d/"
+                                          r"\d\d-\d\d-\d\d", out[0]), out
     assert f"model.path={submit.ROOT}/artifacts/debug_model" in args
     assert not any(a.startswith("data.") for a in args)  # the shipped data travels with the job
     env = job.runtime_env
     assert env["working_dir"] == str(submit.ROOT)
     assert {".git", ".venv", "outputs", "artifacts", "data/full"} <= set(env["excludes"])
-    assert env["env_vars"] == {"HF_HOME": "/shared/hf", "NCCL_DEBUG": "INFO"}
+    # a job's output is a log: the Hugging Face progress bars are off there
+    assert env["env_vars"] == {"HF_HOME": "/shared/hf", "NCCL_DEBUG": "INFO", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     assert "pip" not in env and job.submission_id.startswith("research-rl-debug_cpu-")
     assert any("trainer.output_dir" in n for n in job.notes)
 

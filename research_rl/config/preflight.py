@@ -8,15 +8,17 @@ checks). What else an entry point uses is checked here, by the functions it comp
   budget (``ray.address=null``) and an installed DeepSpeed (``learner.backend=deepspeed``). Returns the placement
   notes to print.
 - ``check_train`` (``python -m research_rl.train``): ``check_config`` plus the data files, the model directory, the
-  retriever's index manifest (or its service at ``retriever.url``) and the dataset ``validation.best_metric`` names,
-  read from the validation files themselves.
+  retriever's index manifest (or its service at ``retriever.url``), the dataset ``validation.best_metric`` names,
+  read from the validation files themselves, and the run directory (``check_run_dir``): continuing a run whose saved
+  ``config.yaml`` differs in anything but the run-control keys (``RUN_CONTROL_KEYS``) is refused.
 - ``check_evaluate`` (``python -m research_rl.evaluate``): the model directory, the question files, the retriever
   when the method searches, and the judge's API key; never placement or the Ray CPU budget, since evaluation runs
   in one process without Ray.
 - ``check_submit`` (``python -m research_rl.submit``): the config alone (``schema.validate``, placement, the vLLM
   settings); files and packages live on the cluster, where the job's own ``check_train`` reads them.
 
-Every failure is a ``ConfigError`` or a ``FileNotFoundError`` whose message names the key. Nothing here imports
+Every failure is a ``ConfigError`` or a ``FileNotFoundError`` whose message names the key (a malformed question
+file: ``research_rl.data.DataError``, naming the file and line or row). Nothing here imports
 torch, Ray or research_rl's roles; the retriever service is asked only for ``GET /health``.
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -208,14 +211,20 @@ def check_retriever(cfg: Config) -> None:
 
 
 def check_inputs(cfg: Config) -> None:
-    """Training's inputs: the data files (``data.train_files``, ``data.val_files``, ``data.corpus_path``), the model
+    """Training's inputs: the data files (``data.train_files``, ``data.val_files``: ``.jsonl`` or ``.parquet``;
+    ``data.corpus_path``), the model
     directory and the retriever (``check_model``, ``check_retriever``).
 
     Raises:
         FileNotFoundError, ConfigError: naming the key.
     """
+    from research_rl.data import QUESTION_FORMATS
+
     for key in ("train_files", "val_files"):
         for f in getattr(cfg.data, key):
+            if Path(f).suffix not in QUESTION_FORMATS:
+                raise ConfigError(f"data.{key}", f"{f}: expected a question file ending in "
+                                  + " or ".join(f"{ext} ({name})" for ext, name in QUESTION_FORMATS.items()))
             _need_file(f"data.{key}", f)
     _need_file("data.corpus_path", cfg.data.corpus_path)
     check_model(cfg, built=cfg.warmup.enabled)  # debug mode (warm-up) always runs a model built from config
@@ -242,10 +251,116 @@ def check_best_metric(cfg: Config, datasets: set[str]) -> None:
                           f"{parts[1]!r}, but validation covers {sorted(datasets)} (data.val_files)")
 
 
+# ------------------------------------------------------------------------------------------------ the run directory
+
+CONFIG_FILE = "config.yaml"  # RUN_DIR/config.yaml: the resolved config of the run's latest start
+# keys that may change when a run is continued: where and how long it runs, how often it saves, validates and logs,
+# where its services run; anything else (a hyperparameter, the data, the model) makes it another run
+RUN_CONTROL_KEYS = (
+    "trainer.output_dir", "trainer.resume", "trainer.total_steps", "trainer.epochs", "trainer.max_minutes",
+    "trainer.save_every", "trainer.keep_last", "trainer.save_hf_model", "trainer.logger", "trainer.wandb_project",
+    "trainer.rollouts_to_log", "validation.every", "validation.before_training", "retriever.url",
+    "retriever.timeout_s", "retriever.num_replicas", "retriever.num_cpus", "retriever.cache_size",
+    "retriever.max_batch_size", "retriever.max_wait_ms", "retriever.threads", "ray", "eval")
+LENGTH_KEYS = ("trainer.total_steps", "trainer.epochs", "trainer.max_minutes")  # how long the run trains
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _is_run_control(key: str) -> bool:
+    return any(key == c or key.startswith(f"{c}.") for c in RUN_CONTROL_KEYS)
+
+
+def resolved_config(cfg: Config) -> dict:
+    """The config as the run directory's ``config.yaml`` holds it: absolute paths (``absolute_paths``), plain
+    YAML values (tuples as lists)."""
+    from omegaconf import OmegaConf
+
+    from research_rl.config.schema import to_dict
+
+    return OmegaConf.to_container(OmegaConf.create(to_dict(absolute_paths(cfg))))
+
+
+def write_run_config(cfg: Config, run_dir: str | Path) -> Path:
+    """Write ``RUN_DIR/config.yaml`` (``resolved_config``), replacing the previous start's."""
+    from omegaconf import OmegaConf
+
+    path = Path(run_dir) / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(resolved_config(cfg))))
+    tmp.replace(path)
+    return path
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """The dotted keys whose values differ between two resolved configs, run-control keys aside, as
+    ``key: saved -> current`` lines."""
+    a, b = _flat(saved), _flat(current)
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b))
+            if not _is_run_control(k) and a.get(k) != b.get(k)]
+
+
+def check_run_dir(cfg: Config) -> str | None:
+    """What ``trainer.output_dir`` already holds, before anything is written there or Ray starts.
+
+    Returns:
+        ``"already finished at step N ..."`` when the directory holds a finished run of this config (its
+        ``summary.json`` is at the newest checkpoint's step and the run length, ``LENGTH_KEYS``, is unchanged),
+        else None (a new run, or one to continue).
+    Raises:
+        ConfigError: at ``trainer.resume``, when ``trainer.resume=auto`` would continue a run whose saved
+            ``config.yaml`` differs in anything but ``RUN_CONTROL_KEYS``; the message lists each differing key
+            with both values and the two ways on (``trainer.output_dir=NEW_DIR`` or ``trainer.resume=force``).
+    """
+    from omegaconf import OmegaConf
+
+    from research_rl.driver.checkpoint import latest_valid, load_state
+
+    t = cfg.trainer
+    run_dir = Path(t.output_dir)
+    saved_path = run_dir / CONFIG_FILE
+    if t.resume not in ("auto", "force") or not saved_path.is_file():
+        return None
+    newest = latest_valid(run_dir)
+    if newest is None:
+        return None  # nothing to continue: the run starts over and config.yaml is rewritten
+    saved = OmegaConf.to_container(OmegaConf.load(saved_path))
+    current = resolved_config(cfg)
+    diff = config_differences(saved, current)
+    if diff and t.resume != "force":
+        raise ConfigError("trainer.resume", f"{run_dir} holds a run with another config ({saved_path}); "
+                          f"{len(diff)} key(s) differ:\n  " + "\n  ".join(diff) + "\nStart a new run with "
+                          "trainer.output_dir=NEW_DIR, or continue this one with the new values with "
+                          "trainer.resume=force")
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        return None
+    try:
+        steps = int(json.loads(summary.read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    a, b = _flat(saved), _flat(current)
+    if steps == load_state(newest)["step"] and all(a.get(k) == b.get(k) for k in LENGTH_KEYS):
+        return (f"{run_dir}: already finished at step {steps} ({summary}); to train it further raise "
+                "trainer.total_steps (or trainer.epochs, trainer.max_minutes), or start a new run with "
+                "trainer.output_dir=NEW_DIR")
+    return None
+
+
 def check_train(cfg: Config) -> list[str]:
     """Everything ``python -m research_rl.train`` can check before ``ray.init``: ``check_config``, the inputs
-    (``check_inputs``) and the dataset of ``validation.best_metric``. Returns the placement notes to print, and the
-    memory plan's warnings when a phase exceeds the GPU (``research_rl.plan.check``).
+    (``check_inputs``), the dataset of ``validation.best_metric`` and the run directory (``check_run_dir``; the
+    entry point calls it after this). Returns the placement notes to print, and the memory plan's warnings when a
+    phase exceeds the GPU (``research_rl.plan.check``).
 
     Raises:
         ConfigError, FileNotFoundError: naming the key; research_rl.data.DataError: a malformed validation file.
@@ -288,8 +403,26 @@ def question_files(ev: EvalConfig) -> list[tuple[str, str]]:
     return pairs
 
 
+def check_eval_output(ev: EvalConfig) -> None:
+    """Evaluations are never overwritten: ``eval.output_dir`` must not hold one (its ``metrics.json``) already.
+
+    Raises:
+        ConfigError: at ``eval.output_dir``, naming the evaluation there and the ways to name a new one.
+    """
+    done = Path(ev.output_dir) / "metrics.json"
+    if done.is_file():
+        try:
+            what = json.loads(done.read_text()).get("model", "?")
+        except (OSError, ValueError, AttributeError):
+            what = "?"
+        raise ConfigError("eval.output_dir", f"{ev.output_dir} already holds an evaluation ({done}, of {what}); "
+                          "evaluations are never overwritten: name this one with eval.tag=NAME (outputs/eval/NAME/"
+                          "METHOD) or eval.output_dir=DIR, or remove that folder")
+
+
 def check_evaluate(cfg: Config) -> None:
-    """What ``python -m research_rl.evaluate`` uses: the question files (``question_files``), the model directory,
+    """What ``python -m research_rl.evaluate`` uses: the question files (``question_files``), an unused output
+    folder (``check_eval_output``), the model directory,
     the retriever when ``eval.method`` searches (``research``, ``naive_rag``), and the judge's API key when
     ``eval.judge.base_url`` is set. Placement and the Ray CPU budget are not checked: evaluation starts no Ray.
 
@@ -297,6 +430,7 @@ def check_evaluate(cfg: Config) -> None:
         ConfigError, FileNotFoundError: naming the key.
     """
     question_files(cfg.eval)
+    check_eval_output(cfg.eval)
     check_model(cfg)
     if cfg.eval.method != "naive_generation":
         check_retriever(cfg)

@@ -134,7 +134,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """FlashRAG JSONL question files (``id``, ``question``, ``golden_answers``) and the passage corpus."""
+    """Question files, FlashRAG JSONL (``.jsonl``: ``id``, ``question``, ``golden_answers``) or verl / Search-R1
+    parquet (``.parquet``: ``data_source``, ``prompt``, ``reward_model.ground_truth.target``, ``extra_info``; the
+    field mapping is in research_rl/data.py), and the passage corpus (FlashRAG JSONL)."""
 
     train_files: list[str] = field(default_factory=lambda: ["data/musique/train.jsonl"])
     val_files: list[str] = field(default_factory=lambda: ["data/musique/dev.jsonl"])
@@ -147,7 +149,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not self.train_files:
-            raise ConfigError("data.train_files", "needs at least one JSONL file")
+            raise ConfigError("data.train_files", "needs at least one question file (.jsonl or .parquet)")
         _positive("data.max_prompt_len", self.max_prompt_len)
 
 
@@ -410,7 +412,8 @@ class ValidationConfig:
 
 @dataclass
 class TrainerConfig:
-    output_dir: str = "outputs/${experiment_name}"
+    # a fresh directory per run, as Hydra's own default (outputs/DATE/TIME); name one to resume or extend a run
+    output_dir: str = "outputs/${experiment_name}/${now:%Y-%m-%d}/${now:%H-%M-%S}"
     total_steps: Optional[int] = None  # None: run `epochs` epochs over the training prompts
     epochs: int = 2
     prompts_per_step: int = 256
@@ -418,7 +421,9 @@ class TrainerConfig:
     save_every: int = 10
     keep_last: int = 2
     save_hf_model: bool = True  # also write a Hugging Face model/ into each checkpoint (best/model, the evaluator)
-    resume: str = "auto"  # auto | never | PATH to a checkpoint directory
+    # auto | never | force | PATH to a checkpoint directory. auto: continue the newest checkpoint of output_dir when
+    # its saved config.yaml matches (run-control keys aside); force: continue it even when the config differs
+    resume: str = "auto"
     seed: int = 42
     rollouts_to_log: int = -1  # trajectories dumped per step (-1: all)
     weight_sync: bool = True  # debug only: False syncs once at start, so rollouts stay on the initial policy
@@ -541,7 +546,10 @@ class EvalConfig:
     limit: Optional[int] = None  # questions per dataset; null = all
     seed: int = 0
     batch_size: int = 32  # questions per agent-loop call
-    output_dir: str = "outputs/eval/${experiment_name}/${eval.method}"
+    # the evaluated model's name in the output path; default from model.path (model_tag: RUN-step_000040 for a
+    # checkpoint, RUN-best-step_000030 for checkpoints/best, the folder or hub name otherwise)
+    tag: str = "${model_tag:${model.path}}"
+    output_dir: str = "outputs/eval/${eval.tag}/${eval.method}"  # refused when it holds an evaluation already
     model_size: Optional[str] = None  # which Table 2 row to compare with, e.g. 7b; null = read from model.path
     # the reference evaluation's rules (docs/concepts.md#deviations-from-the-paper): rollout.max_response_len counts
     # the prompt too, and a response that did not end with EOS predicts "" instead of its extracted answer
@@ -564,6 +572,8 @@ class EvalConfig:
         _positive("eval.batch_size", self.batch_size)
         if not self.output_dir:
             raise ConfigError("eval.output_dir", "must name a directory")
+        if not self.tag or "/" in self.tag:
+            raise ConfigError("eval.tag", f"got {self.tag!r}, expected a name without '/' (it names a directory)")
         if self.model_size is not None and not re.fullmatch(r"\d+(\.\d+)?[bB]", self.model_size):
             raise ConfigError("eval.model_size", f"got {self.model_size!r}, expected a size such as 7b or 32b")
 
@@ -598,9 +608,41 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+_TIME_DIR = re.compile(r"^\d{2}-\d{2}-\d{2}$")  # the default trainer.output_dir's last part: outputs/EXP/DATE/TIME
+
+
+def model_tag(path: str) -> str:
+    """A name for the model at ``path``, for ``eval.tag``: ``RUN-step_000040`` for ``RUN/checkpoints/step_000040/
+    model``, ``RUN-best-step_000030`` for ``checkpoints/best`` (its step read from its ``trainer_state.json``),
+    ``RUN-warmup_model`` for debug mode's warm-up model, else the last part of the path or hub id. ``RUN`` is the run
+    directory's name, ``EXP_DATE_TIME`` for the default ``outputs/EXP/DATE/TIME``."""
+    import json
+    from pathlib import Path
+
+    p = Path(str(path).rstrip("/"))
+    if p.name == "model" and p.parent.parent.name == "checkpoints":
+        p = p.parent  # RUN/checkpoints/step_N/model -> RUN/checkpoints/step_N
+    if p.parent.name == "checkpoints":
+        run, name = p.parent.parent, p.name
+        if name == "best":
+            try:
+                name = f"best-step_{int(json.loads((p / 'trainer_state.json').read_text())['step']):06d}"
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+    elif p.name == "warmup_model":
+        run, name = p.parent, p.name
+    else:
+        return p.name or "model"
+    label = run.name
+    if _TIME_DIR.match(label) and run.parent.parent.name:
+        label = f"{run.parent.parent.name}_{run.parent.name}_{label}"
+    return f"{label}-{name}"
+
+
 def register_configs() -> None:
-    """Register the schema as ``base_config`` (idempotent)."""
+    """Register the schema as ``base_config`` and the ``model_tag`` resolver (idempotent)."""
     ConfigStore.instance().store(name="base_config", node=Config)
+    OmegaConf.register_new_resolver("model_tag", model_tag, replace=True)
 
 
 def validate(cfg: Config) -> Config:
@@ -637,12 +679,58 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def schema_keys(schema: type | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (``Config`` by default): sections (``learner``) and fields (``learner.lr``)."""
+    import typing
+
+    out = []
+    for name, hint in typing.get_type_hints(schema or Config).items():
+        out.append(f"{prefix}{name}")
+        if dataclasses.is_dataclass(hint):
+            out += schema_keys(hint, f"{prefix}{name}.")
+    return out
+
+
+def suggest_keys(key: str, n: int = 3) -> list[str]:
+    """The schema keys closest to an unknown ``key`` (difflib over ``schema_keys``): close full keys first
+    (``learner.lrr`` -> ``learner.lr``), after the keys with the same last part in another section (``trainer.lr``
+    -> ``learner.lr``), else keys with a close last part in any section (``trainer.lrr`` -> ``learner.lr``)."""
+    import difflib
+
+    keys = [k for k in schema_keys() if not key.startswith(f"{k}.")]  # never the key's own section
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf and k != key]
+    close = [k for k in difflib.get_close_matches(key, keys, n=n, cutoff=0.75) if k not in same_leaf]
+    if same_leaf or close:
+        return (same_leaf + close)[:n]
+    leaves: dict[str, list[str]] = {}
+    for k in keys:
+        leaves.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+    return [k for name in difflib.get_close_matches(leaf, list(leaves), n=n, cutoff=0.75) for k in leaves[name]][:n]
+
+
+def did_you_mean(key: str) -> str:
+    """``"; did you mean 'learner.lr'?"`` for an unknown ``key`` (``suggest_keys``), or ``""`` when nothing is close."""
+    close = suggest_keys(key)
+    return f"; did you mean {' or '.join(repr(k) for k in close)}?" if close else ""
+
+
+def unknown_key(key: str) -> ConfigError:
+    """The error for a key the schema lacks: its suggestions, and the keys valid in its section."""
+    section = key.rsplit(".", 1)[0] if "." in key else ""
+    valid = sorted(k.rsplit(".", 1)[-1] for k in schema_keys() if k.rsplit(".", 1)[0] == section and "." in k) \
+        if section else sorted(k for k in schema_keys() if "." not in k)
+    where = f"valid keys under {section}: {valid}" if section else f"top-level keys: {valid}"
+    return ConfigError(key, f"unknown key{did_you_mean(key)}" + (f" ({where})" if valid else
+                                                                 f" (no section {section!r})"))
+
+
 def _check_known_keys(node: DictConfig, schema: type, prefix: str = "") -> None:
     """Every key is a field of the schema (Hydra's ``+key=value`` can add keys the schema lacks, which
     ``OmegaConf.to_object`` would then drop silently).
 
     Raises:
-        ConfigError: naming the unknown key and the keys valid beside it.
+        ConfigError: naming the unknown key, the schema keys closest to it and the keys valid beside it.
     """
     import typing
 
@@ -650,8 +738,7 @@ def _check_known_keys(node: DictConfig, schema: type, prefix: str = "") -> None:
     for key in node.keys():
         full = f"{prefix}{key}"
         if key not in hints:
-            raise ConfigError(full, f"unknown key; valid keys{' under ' + prefix.rstrip('.') if prefix else ''}: "
-                              f"{sorted(hints)}")
+            raise unknown_key(full)
         child = node._get_node(key)
         if dataclasses.is_dataclass(hints[key]) and isinstance(child, DictConfig):
             _check_known_keys(child, hints[key], f"{full}.")

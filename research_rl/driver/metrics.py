@@ -1,15 +1,28 @@
-"""Training logs people can read: console lines, ``metrics.jsonl`` (one JSON object per step) and a dashboard.
+"""Training logs people can read: console lines, ``metrics.jsonl`` (one JSON object per step), a dashboard, the
+run's log file and progress that reads well in a terminal and in a file alike.
 
 The dashboard is TensorBoard (``RUN_DIR/tensorboard``) by default, or Weights & Biases with ``trainer.logger=wandb``.
 wandb is an optional extra (``pip install -e '.[wandb]'``), imported only when chosen. The W&B run id is kept in
 ``RUN_DIR/wandb_run_id`` so that a resumed training run keeps logging to the same W&B run. ``metrics.jsonl`` is
-written either way (``research_rl.plot`` reads it).
+written either way (``research_rl.plot`` reads it). Warm-up rows are ``step`` -1 in ``metrics.jsonl`` (GRPO's axis
+starts at 0) with their own ``warmup/step``, which is their step axis in TensorBoard; W&B, whose step never
+decreases, gets GRPO steps only.
+
+``tee_output`` copies everything the process prints (its own lines, Ray's worker lines, warnings, tracebacks) into
+``RUN_DIR/train.log`` or ``evaluate.log``, without the progress bar's redraws. ``progress`` is a tqdm bar on a
+terminal and, when the output is a file or a pipe (``ray job logs``, a redirected ``make demo``), a plain line at most
+every ``PLAIN_PROGRESS_S`` seconds instead (tqdm's ``disable=None`` turns the bar off there); ``plain_output`` turns
+the Hugging Face libraries' bars off there too.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
@@ -64,14 +77,16 @@ class MetricsLogger:
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
         self._file = self.path.open("a", encoding="utf-8")
 
-    def log(self, step: int, metrics: dict[str, float], console: bool = True) -> None:
+    def log(self, step: int, metrics: dict[str, float], console: bool = True, axis_step: int | None = None) -> None:
+        """One ``metrics.jsonl`` row at ``step`` and the dashboard's scalars; ``axis_step`` (the warm-up's own step)
+        replaces ``step`` on the TensorBoard axis; ``console``: a ``step N | ...`` line too."""
         row = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._tb is not None:
             for k, v in scalars.items():
-                self._tb.add_scalar(k, v, step)
+                self._tb.add_scalar(k, v, step if axis_step is None else axis_step)
             self._tb.flush()
         if self._wandb is not None and step >= 0:  # W&B steps must not decrease: warm-up rows (step -1) stay local
             self._wandb.log(scalars, step=step)
@@ -117,3 +132,103 @@ def drop_rows_after(path: str | Path, step: int) -> None:
         tmp.replace(path)
         print(f"metrics.jsonl: dropped {len(lines) - len(keep)} rows logged after step {step} by the interrupted "
               "run (those steps are trained again)")
+
+
+# ------------------------------------------------------------------------------------------------ log file, progress
+
+PLAIN_PROGRESS_S = 30.0  # seconds between plain progress lines when the output is not a terminal
+
+
+class _Tee:
+    """A text stream writing to ``stream`` and to ``file``; the file gets no carriage-return redraws (a progress
+    bar's updates), only whole lines."""
+
+    def __init__(self, stream, file):
+        self.stream, self.file = stream, file
+
+    def write(self, text: str) -> int:
+        n = self.stream.write(text)
+        if "\r" not in text:
+            self.file.write(text)
+            self.file.flush()
+        return n
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.file.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...: the terminal's
+        return getattr(self.stream, name)
+
+
+@contextmanager
+def tee_output(path: str | Path):
+    """Copy stdout and stderr (and the logging handlers writing to them) into ``path`` (appended: a resumed run
+    continues its log) while the block runs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saved = sys.stdout, sys.stderr
+    with path.open("a", encoding="utf-8") as f:
+        sys.stdout, sys.stderr = _Tee(sys.stdout, f), _Tee(sys.stderr, f)
+        loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                          if isinstance(lg, logging.Logger))]
+        handlers = {h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler)
+                    and getattr(h, "stream", None) in saved}
+        for h in handlers:
+            h.setStream(sys.stdout if h.stream is saved[0] else sys.stderr)
+        try:
+            yield path
+        finally:
+            for h in handlers:
+                h.setStream(saved[0] if h.stream is sys.stdout else saved[1])
+            sys.stdout, sys.stderr = saved
+
+
+class PlainProgress:
+    """Progress as plain lines, ``desc: n/total unit (p%), elapsed, ~left [postfix]``, at most every ``every_s``
+    seconds and when it completes: what a file or a pipe should get instead of a bar. Same calls as the tqdm bar
+    (``update``, ``set_postfix``, ``close``)."""
+
+    def __init__(self, total: int, desc: str, unit: str, initial: int = 0, every_s: float = PLAIN_PROGRESS_S):
+        self.total, self.desc, self.unit, self.n, self.every_s = total, desc, unit, initial, every_s
+        self.start, self.start_n, self.last = time.monotonic(), initial, time.monotonic()
+        self.postfix = ""
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.every_s or self.n >= self.total:
+            self.last = now
+            print(self.line(now), flush=True)
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
+
+    def line(self, now: float) -> str:
+        elapsed = now - self.start
+        done = self.n - self.start_n
+        left = f", ~{elapsed / done * (self.total - self.n) / 60:.1f} min left" if done and self.n < self.total else ""
+        pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        return (f"{self.desc}: {self.n}/{self.total} {self.unit}{pct}, {elapsed / 60:.1f} min{left}"
+                + (f" [{self.postfix}]" if self.postfix else ""))
+
+    def close(self) -> None:
+        pass
+
+
+def plain_output() -> bool:
+    """Whether the output is a file or a pipe rather than a terminal. Then the Hugging Face libraries' own bars
+    ("Loading weights", downloads) are turned off with their setting, ``HF_HUB_DISABLE_PROGRESS_BARS=1`` (unless it is
+    set), in this process and the Ray workers it starts, which inherit the environment."""
+    plain = not sys.stderr.isatty()
+    if plain:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    return plain
+
+
+def progress(total: int, desc: str, unit: str, initial: int = 0):
+    """A tqdm bar when stderr is a terminal, else a ``PlainProgress`` (tqdm's ``disable=None`` is off there)."""
+    bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=None)
+    if not bar.disable:
+        return bar
+    return PlainProgress(total, desc, unit, initial)

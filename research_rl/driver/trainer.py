@@ -42,7 +42,7 @@ from research_rl.config import preflight
 from research_rl.config.schema import Config, to_dict
 from research_rl.data import PromptStream, Question, load_questions
 from research_rl.driver import checkpoint as ckpt
-from research_rl.driver.metrics import MetricsLogger, drop_rows_after
+from research_rl.driver.metrics import MetricsLogger, drop_rows_after, progress
 from research_rl.driver.rollouts import (build_experience, retriever_stats, rollout_metrics, rollout_rows,
                                         validation_metrics, write_rows)
 from research_rl.driver.state import RunState, capture_rng, restore_rng
@@ -156,10 +156,23 @@ class GRPOTrainer:
         self.probe_sequence = self.train_prompts[0][1] + self.tokenizer.encode(PROBE_SUFFIX, add_special_tokens=False)
 
     def open_run_dir(self) -> None:
-        """The checkpoint to resume from (``checkpoint.resume_point``), the run directory, ``metrics.jsonl`` rows
-        of steps after that checkpoint dropped (the resumed run trains them again), the logger, the seeds."""
+        """The checkpoint to resume from (``checkpoint.resume_point``; ``trainer.resume=force`` continues as
+        ``auto`` does, past a changed config, which ``preflight.check_run_dir`` refuses otherwise), the run
+        directory with this start's resolved ``config.yaml``, ``metrics.jsonl`` rows of steps after that checkpoint
+        dropped (the resumed run trains them again), the logger, the seeds."""
         cfg = self.cfg
-        self.resume_from = ckpt.resume_point(self.run_dir, cfg.trainer.resume)
+        resume = "auto" if cfg.trainer.resume == "force" else cfg.trainer.resume
+        self.resume_from = ckpt.resume_point(self.run_dir, resume)
+        saved = self.run_dir / preflight.CONFIG_FILE
+        if self.resume_from is not None and saved.is_file():
+            from omegaconf import OmegaConf
+
+            diff = preflight.config_differences(OmegaConf.to_container(OmegaConf.load(saved)),
+                                                preflight.resolved_config(cfg))
+            if diff:  # only trainer.resume=force gets here with a changed config
+                print(f"trainer.resume=force: continuing {self.run_dir} with {len(diff)} changed key(s):\n  "
+                      + "\n  ".join(diff))
+        preflight.write_run_config(cfg, self.run_dir)
         (self.run_dir / "rollouts").mkdir(parents=True, exist_ok=True)
         if self.resume_from is not None:
             drop_rows_after(self.run_dir / "metrics.jsonl", ckpt.load_state(self.resume_from)["step"])
@@ -265,10 +278,8 @@ class GRPOTrainer:
     def run(self) -> dict:
         """GRPO steps until ``total_steps`` (or ``trainer.max_minutes`` of training), one phase a line; then a last
         validation and checkpoint unless the last step had them. Returns ``summary.json``'s object."""
-        from tqdm import tqdm
-
         cfg, s = self.cfg, self.state
-        bar = tqdm(total=self.total_steps, initial=s.step, desc="GRPO", unit="step")
+        bar = progress(self.total_steps, "GRPO", "steps", initial=s.step)
         while self._steps_left():
             s.step += 1
             t_step, timings = time.perf_counter(), {}

@@ -22,14 +22,14 @@ def warm_up(cfg: Config, questions: list[Question], tokenizer, retriever, learne
             out_dir: Path) -> tuple[float, float]:
     """Train ``model.path`` on the learner group (``WorkerGroup``) by ``warmup.steps`` ``sft_step`` calls, each on
     one shard per rank of a ``warmup.batch_size`` sample, and save it to ``out_dir`` (written beside it, then
-    renamed). Every 10th step's metrics go to ``logger`` at step -1. Returns the seconds it took and the last
+    renamed). Every 10th step's metrics go to ``logger`` at step -1, on the warm-up's own step axis
+    (``warmup/step``) in TensorBoard. Returns the seconds it took and the last
     step's NLL (nats per loss token).
 
     Raises:
         RuntimeError: the retriever (a ``RetrieverClient``) failed to answer a search.
     """
-    from tqdm import tqdm
-
+    from research_rl.driver.metrics import progress
     from research_rl.rollout.warmup import collate, synthesize
 
     w = cfg.warmup
@@ -47,13 +47,15 @@ def warm_up(cfg: Config, questions: list[Question], tokenizer, retriever, learne
                           w.seed)
     learners.call("load_policy", cfg.model.path)
     rng = random.Random(w.seed)
-    bar = tqdm(range(w.steps), desc="warm-up (supervised, debug only)", unit="step")
-    for i in bar:
+    bar = progress(w.steps, "warm-up (supervised, debug only)", "steps")
+    for i in range(w.steps):
         batch = collate(rng.sample(examples, min(w.batch_size, len(examples))), tokenizer.pad_token_id)
         m = learners.scatter("sft_step", batch.shard(len(learners)), w.lr)[0]
         bar.set_postfix(nll=f"{m['warmup/nll']:.3f}")
+        bar.update(1)
         if i % 10 == 0 or i == w.steps - 1:
-            logger.log(-1, {**m, "warmup/step": i}, console=False)
+            logger.log(-1, {**m, "warmup/step": i}, console=False, axis_step=i)
+    bar.close()
     tmp = out_dir.parent / f".tmp-{out_dir.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     learners.call("save_hf", str(tmp), cfg.model.path)
