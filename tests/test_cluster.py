@@ -36,6 +36,9 @@ def two_nodes():
     """Head: 2 CPUs, no GPUs, dashboard (job server). Worker: 4 CPUs and 2 ``fake_gpu``. Stopped with SIGTERM to
     the ``ray start --block`` processes (``ray stop`` would also stop other clusters on this machine)."""
     tmp = Path(tempfile.mkdtemp(prefix="rrc"))  # short: Ray's socket paths live under it
+    # each node its own temporary directory, as on separate machines: two nodes sharing one would unpack a job's
+    # working directory into the same runtime_resources folder at once, and a job could start on a half-written copy
+    tmp_worker = Path(tempfile.mkdtemp(prefix="rrw"))
     gcs, dash = free_port(), free_port()
     common = ["--disable-usage-stats", "--block", "--temp-dir", str(tmp)]
 
@@ -52,7 +55,7 @@ def two_nodes():
         address = f"http://127.0.0.1:{dash}"
         _wait(lambda: _dashboard_up(address), 240, "the head's job server")
         procs.append(subprocess.Popen([str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=4",
-                                       '--resources={"fake_gpu": 2}', *own_ports(), *common[:-2]],
+                                       '--resources={"fake_gpu": 2}', *own_ports(), *common[:-1], str(tmp_worker)],
                                       env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         _wait(lambda: _node_count(gcs) == 2, 240, "the worker node")
         _wait_for_job_agent(address)
@@ -65,6 +68,7 @@ def two_nodes():
             except subprocess.TimeoutExpired:
                 p.kill()
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp_worker, ignore_errors=True)
 
 
 def _wait(check, timeout: float, what: str) -> None:
