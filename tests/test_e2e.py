@@ -101,7 +101,8 @@ def test_two_grpo_steps_checkpoint_and_resume(debug_model_dir, bm25_index, tmp_p
     server, url = start_server(bm25_index)
     try:
         proc = _train(tiny_overrides(debug_model_dir, bm25_index, run) + [
-            "trainer.total_steps=3", "trainer.save_every=1", "validation.every=0", f"retriever.url={url}"])
+            "trainer.total_steps=3", "trainer.save_every=1", "validation.every=0", f"retriever.url={url}",
+            "learner.offload=optimizer"])
         stats = requests.get(f"{url}/stats", timeout=5).json()
     finally:
         server.terminate()

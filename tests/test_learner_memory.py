@@ -315,8 +315,7 @@ def test_meta_device_ranks_receive_rank0_weights_at_a_fraction_of_a_copy(tmp_pat
     """2 ranks (FSDP2, gloo): with ``rank0_load`` rank 1 builds on the meta device and receives rank 0's weights.
     The gathered weights and the log-probs equal those of every rank reading the model itself, bit for bit, and
     rank 1's peak RSS grows by its half of the weights plus a few copies of the largest tensor (the one in flight:
-    received whole, then cut to its shard), under 80% of one full copy, and by less than when it reads the model
-    itself."""
+    received whole, then cut to its shard), under 80% of one full copy."""
     import torch.multiprocessing as mp
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -336,5 +335,7 @@ def test_meta_device_ranks_receive_rank0_weights_at_a_fraction_of_a_copy(tmp_pat
         assert torch.equal(new["state"][key], value), key
     assert torch.equal(new["log_probs"], old["log_probs"])
     grown = rank1[True]["grown"]
+    # a rank that reads the model itself holds a full copy at its peak (> 0.8 of one), so this bound fails without
+    # rank 0's weights; the old way's growth measured second in this process is not compared: it reuses the pages
+    # the first load freed (bench/learner.py --memory measures both in fresh processes)
     assert grown < model_bytes / 2 + 4 * largest and grown < 0.8 * model_bytes, (grown, model_bytes, largest)
-    assert rank1[True]["grown"] < rank1[False]["grown"], rank1

@@ -104,7 +104,10 @@ def _compose(*overrides):
 def test_7b_recipe_plan_terms_and_the_warning_before_ray():
     from research_rl import plan
 
-    cfg = _compose()
+    # the recipe without its memory settings (chunked head, packing, optimizer offload)
+    unfitted = ("learner.logits_chunk_tokens=0", "learner.pack=false", "learner.max_tokens_per_micro_batch=null",
+                "learner.offload=none")
+    cfg = _compose(*unfitted)
     p = plan.make_plan(cfg, 80 * memory.GIB)
     params = memory.KNOWN_SHAPES["Qwen/Qwen2.5-7B-Instruct"].params()
     assert p.weights == 4 * params // 64 and p.optimizer == 8 * params // 64  # 64 learner ranks
@@ -114,11 +117,12 @@ def test_7b_recipe_plan_terms_and_the_warning_before_ray():
     warnings = plan.check(cfg, gpu_gib=80)
     assert len(warnings) == 1 and "update phase" in warnings[0], warnings
     # ... the chunked head and a packed token budget fit it
-    fitted = _compose("learner.logits_chunk_tokens=1024", "learner.pack=true",
+    fitted = _compose(*unfitted, "learner.logits_chunk_tokens=1024", "learner.pack=true",
                       "learner.max_tokens_per_micro_batch=16384")
     assert plan.check(fitted, gpu_gib=80) == []
     assert plan.make_plan(fitted, 80 * memory.GIB).largest_micro_batch_tokens > 16384
-    assert plan.check(_compose(), gpu_gib=141) == []  # 141 GB fits even unchunked
+    assert plan.check(_compose(*unfitted), gpu_gib=141) == []  # 141 GB fits even unchunked
+    assert plan.check(_compose(), gpu_gib=80) == []  # the recipe as shipped fits an 80 GB GPU
 
 
 def test_cpu_runs_have_nothing_to_plan_and_an_unknown_model_warns():
@@ -132,7 +136,9 @@ def test_cpu_runs_have_nothing_to_plan_and_an_unknown_model_warns():
 
 def test_plan_cli_prints_every_term():
     out = subprocess.run([sys.executable, "-m", "research_rl.plan", "experiment=research_qwen2.5_7b_instruct",
-                          "--gpu-gib=80"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          "learner.logits_chunk_tokens=0", "learner.pack=false",
+                          "learner.max_tokens_per_micro_batch=null", "learner.offload=none", "--gpu-gib=80"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     for term in ("optimizer state", "activations per token without checkpointing",
                  "activations per token with checkpointing", "logits", "KV cache", "largest micro-batch",

@@ -264,4 +264,9 @@ def test_a_maximal_request_does_not_stall_a_normal_client(server, questions):
         n += 1
     t.join(timeout=120)
     assert big_s and big_s[0] > 1.0, big_s  # the large request really held the backend for a while
-    assert len(latencies) >= 5 and max(latencies) < 0.5 * big_s[0], (max(latencies), big_s)
+    # unsliced, the normal client's first request waits for the whole large one (max ≈ big_s); sliced, it waits
+    # for a slice. 0.8 of big_s and the 90th percentile at half of it leave room for a scheduling spike on a busy
+    # machine without letting an unsliced server pass
+    p90 = sorted(latencies)[int(0.9 * (len(latencies) - 1))]
+    assert len(latencies) >= 5 and max(latencies) < 0.8 * big_s[0] and p90 < 0.5 * big_s[0], (
+        max(latencies), p90, big_s)
