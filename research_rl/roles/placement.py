@@ -26,9 +26,7 @@ import math
 import time
 from pathlib import Path
 
-# check_placement lives in the preflight now (research_rl.config.preflight.check_config); the name stays importable
-# from here while research_rl/driver/trainer.py still imports it from this module
-from research_rl.config.pools import EPS, check_placement, gpu_role_pools  # noqa: F401
+from research_rl.config.pools import EPS, gpu_role_pools
 from research_rl.config.schema import Config
 
 
