@@ -263,7 +263,10 @@ def test_a_maximal_request_does_not_stall_a_normal_client(server, questions):
         assert r.status_code == 200
         n += 1
     t.join(timeout=120)
-    assert big_s and big_s[0] > 1.0, big_s  # the large request really held the backend for a while
+    # the large request really held the backend for a while: many times a single question's median latency
+    # (a fixed number of seconds would depend on the machine: 0.9 s on a fast one, several on 2 busy cores)
+    median = sorted(latencies)[len(latencies) // 2] if latencies else 0.0
+    assert big_s and big_s[0] > 10 * median, (big_s, median)
     # unsliced, the normal client's first request waits for the whole large one (max ≈ big_s); sliced, it waits
     # for a slice. 0.8 of big_s and the 90th percentile at half of it leave room for a scheduling spike on a busy
     # machine without letting an unsliced server pass
