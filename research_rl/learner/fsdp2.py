@@ -112,7 +112,8 @@ class FSDP2Backend:
     def in_use(self):
         yield  # CPUOffloadPolicy brings offloaded shards to the device per layer itself
 
-    def full_tensors(self, skip: set[str]) -> Iterator[tuple[str, torch.Tensor | None]]:
+    def full_tensors(self, skip: set[str], every_rank: bool = False,
+                     on_device: bool = False) -> Iterator[tuple[str, torch.Tensor | None]]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
         from torch.distributed.tensor import DTensor
 
@@ -123,7 +124,15 @@ class FSDP2Backend:
                 if t.device.type != self.mesh.device_type:  # an offloaded shard: gather on the mesh's device
                     t = t.to(self.mesh.device_type)
                 t = t.full_tensor()
-            yield name, (t.detach().cpu() if self.rank == 0 else None)
+            if not (every_rank or self.rank == 0):
+                yield name, None
+            else:
+                yield name, t.detach() if on_device else t.detach().cpu()
+
+    def tensor_shapes(self, skip: set[str]) -> list[tuple[str, tuple[int, ...]]]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return [(name, tuple(t.shape)) for name, t in get_model_state_dict(self.module).items() if name not in skip]
 
     def info(self) -> dict:
         return {"backend": self.name, "world_size": self.world_size}
