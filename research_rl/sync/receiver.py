@@ -16,6 +16,14 @@ them into its parameters; vLLM's ``model.load_weights`` fuses q/k/v and gate/up 
   tensor or buffer.
 
 ``end()`` drops the mapped buffers and returns what the sync delivered. Imports torch and the standard library only.
+
+What a rollout engine offers ``RolloutWorker`` for a sync (``HFEngine`` runs one receiver in its own process;
+``VLLMEngine`` one per vLLM worker, reached through ``collective_rpc``): ``weight_dtype`` (the wire dtype),
+``sync_device_keys()`` (one per replica), ``known_names()`` (every name a sync may carry) and ``parameter_names()``
+(what a full sync must cover), ``join_sync_group(host, port, first_rank, world_size)`` (replica ``i`` joins as group
+rank ``first_rank + i``), ``begin_sync()``, ``receive_ipc(msg)``, ``receive_collective(buckets)``,
+``receive_packed(bucket, flat)`` and ``end_sync() -> SyncStats`` (one replica's; after it the engine serves the new
+weights: e.g. vLLM resets its prefix cache).
 """
 
 from __future__ import annotations
