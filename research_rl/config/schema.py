@@ -217,6 +217,8 @@ class RolloutConfig:
     # <|im_end|> and <|endoftext|>), or the tokenizer's eos_token alone (research_rl/rollout/eos.py)
     eos_ids_from: str = "generation_config"
     batch_wait_ms: float = 0.0  # hf + async: how long a request may wait for others to join its generate call
+    # the HF engine's weight dtype (and so the weight sync's wire dtype): None = model.dtype on GPU, float32 on CPU
+    hf_dtype: Optional[str] = None
     vllm_tensor_parallel_size: int = 1  # GPUs per vLLM engine
     vllm_gpu_memory_utilization: float = 0.5  # fraction of each GPU's memory vLLM takes (weights + KV cache)
     vllm_max_model_len: Optional[int] = None  # tokens per sequence; None = data.max_prompt_len + max_response_len
@@ -240,6 +242,8 @@ class RolloutConfig:
             _positive("rollout.max_turns", self.max_turns)
         _positive("rollout.max_batch_size", self.max_batch_size)
         _positive("rollout.batch_wait_ms", self.batch_wait_ms, allow_zero=True)
+        if self.hf_dtype is not None:
+            _one_of("rollout.hf_dtype", self.hf_dtype, ("float32", "bfloat16", "float16"))
         _positive("rollout.torch_threads", self.torch_threads, allow_zero=True)
         _positive("rollout.vllm_tensor_parallel_size", self.vllm_tensor_parallel_size)
         _number("rollout.vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, 0, 1, low_open=True)

@@ -50,7 +50,9 @@ class RolloutWorker:
             from research_rl.rollout.hf_engine import HFEngine
 
             device = "cuda" if cfg.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
-            self.engine = HFEngine(model_path, self.tokenizer, cfg.max_batch_size, device=device, eos_ids=eos_ids)
+            weights = cfg.hf_dtype or (dtype if device == "cuda" else "float32")
+            self.engine = HFEngine(model_path, self.tokenizer, cfg.max_batch_size, dtype=getattr(torch, weights),
+                                   device=device, eos_ids=eos_ids)
         self.retriever, self.top_k = retriever, top_k
         self.loop = AgentLoop(self.engine, self._search, self.tokenizer, cfg.max_response_len, cfg.max_turns,
                               mode=cfg.mode, async_search_fn=_async_search(retriever, top_k),
