@@ -22,7 +22,7 @@ def test_plan_cuts_buckets_in_order_with_aligned_offsets_and_a_large_tensor_alon
     buckets = plan_buckets(shapes, "bfloat16", bucket_mb=0.5)  # 524,288 bytes; "big" is 1.2 MB
     assert [b.names for b in buckets] == [["a", "b"], ["big"], ["c"]]
     a, b = buckets[0].specs
-    assert (a.offset, b.offset) == (0, ALIGN) and buckets[0].nbytes == ALIGN + 2000
+    assert (a.offset, b.offset) == (0, 2 * ALIGN) and buckets[0].nbytes == 2 * ALIGN + 2000  # 30 bytes, padded
     assert buckets[1].nbytes == 600 * 1000 * 2 and [x.index for x in buckets] == [0, 1, 2]
     with pytest.raises(ValueError, match="appears twice"):
         plan_buckets([("a", (1,)), ("a", (1,))], "bfloat16", 1)
@@ -190,5 +190,72 @@ def test_a_plan_the_engine_cannot_hold_fails_before_any_byte_moves(ray_cluster, 
 
             choose("ipc", "colocated", ["a/cpu"], [["b/cpu"]])
         assert WeightSync(learners, engines, "object_store", "colocated", 1.0).sync(1)["sync/bytes"] > 0
+    finally:
+        _shutdown(learners, engines)
+
+
+@pytest.mark.unit
+def test_a_bf16_learner_and_a_bf16_engine_pass_the_probe_after_a_bf16_sync(debug_model_dir, tokenizer):
+    """FSDP2 in bf16 mixed precision (fp32 master weights) and the HF engine holding bf16 weights, synced in bf16
+    by the same sender and receiver code: the probe's statistic (mean |Δ log-prob| per token) is far inside the
+    default tolerance; an engine left on fp32 initial weights while the learner moved is far outside it."""
+    from research_rl.config.schema import AlgoConfig, LearnerConfig, TrainerConfig
+    from research_rl.learner.core import Learner
+    from research_rl.rollout.hf_engine import HFEngine
+    from research_rl.sync.receiver import WeightReceiver
+
+    learner = Learner(LearnerConfig(lr=0.05, weight_decay=0.0), AlgoConfig(), param_dtype=torch.bfloat16)
+    learner.init_process_group("127.0.0.1", free_port())
+    try:
+        learner.load_policy(str(debug_model_dir))
+        seq = tokenizer.encode("Who directed Ed Wood? <think> a film </think> <search> Ed Wood director </search>")
+        stale = HFEngine(str(debug_model_dir), tokenizer, dtype=torch.float32)
+        engine = HFEngine(str(debug_model_dir), tokenizer, dtype=torch.bfloat16)
+        assert engine.weight_dtype == "bfloat16"
+        from research_rl.algo.experience import Experience
+
+        ids = torch.tensor([seq])
+        for _ in range(3):  # move the policy well away from the initial weights
+            learner.sft_step(Experience(ids, torch.ones_like(ids), torch.ones_like(ids)), lr=0.05)
+        plan = learner.sync_plan(engine.weight_dtype, bucket_mb=0.1)
+        receiver = WeightReceiver(lambda named: engine.load_weights(dict(named)), "cpu")
+        for bucket, flat in zip(plan, learner.sender.host_buckets(plan)):
+            receiver.receive_packed(bucket, flat)
+        assert receiver.end().bytes == sum(b.numel for b in plan) * 2  # bf16 on the wire
+        learner_lp = learner.probe_log_probs(seq)
+        synced = float((engine.log_probs(seq) - learner_lp).abs().mean())
+        behind = float((stale.log_probs(seq) - learner_lp).abs().mean())
+        tolerance = TrainerConfig().probe_tolerance
+        assert synced < 0.2 * tolerance < tolerance < behind, (synced, behind)
+    finally:
+        learner.shutdown()
+
+
+@pytest.mark.ray
+def test_an_engine_that_missed_a_sync_fails_the_probe_naming_the_engine_and_the_policy_version(
+        ray_cluster, debug_model_dir, perturbed_model_dir, tokenizer, tmp_path):
+    """Two engines; the learner's policy moves; the next sync reaches engine 0 only: the driver's probe (both
+    engines at once) stops the run, naming engine 1 and the policy version it should hold."""
+    from research_rl.algo.experience import Experience
+    from research_rl.config.compose import compose_config
+    from research_rl.driver.trainer import GRPOTrainer
+    from research_rl.driver.weight_sync import WeightSync
+    from research_rl.roles.group import WorkerGroup
+
+    learners, engines = _roles(debug_model_dir, perturbed_model_dir, 1, 2)
+    try:
+        trainer = GRPOTrainer(compose_config(["experiment=debug_cpu", f"trainer.output_dir={tmp_path}"]))
+        trainer.learners, trainer.rollout = learners, engines
+        trainer.probe_sequence = tokenizer.encode("Who directed Ed Wood? <search> Ed Wood </search>")
+        trainer.weight_sync = WeightSync(learners, engines, "auto", "colocated", 1.0)
+        trainer.weight_sync.sync(0)
+        assert trainer.probe()["sync/probe_mean_diff"] < 1e-5
+        ids = torch.tensor([trainer.probe_sequence])
+        learners.call("sft_step", Experience(ids, torch.ones_like(ids), torch.ones_like(ids)), 0.05)
+        WeightSync(learners, WorkerGroup("rollout", engines.actors[:1]), "auto", "colocated", 1.0).sync(1)
+        trainer.state.step = 1
+        with pytest.raises(RuntimeError, match=r"after the weight sync to policy version 1, rollout engine 1's "
+                                               r"log-probs differ from the learner's by [0-9.]+ nats per token"):
+            trainer.probe()
     finally:
         _shutdown(learners, engines)

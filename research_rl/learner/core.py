@@ -58,7 +58,7 @@ class Learner:
         algo: GRPO coefficients and the optimizer steps per batch (``ppo_epochs``, ``ppo_mini_batch_size``).
         rank, world_size: position in the process group.
         device: ``"cpu"`` or ``"cuda"``.
-        param_dtype: compute dtype on GPU (CPU always runs float32).
+        param_dtype: compute dtype (FSDP2 mixed precision when not float32; the roles pass float32 on CPU).
         gradient_checkpointing: recompute activations in backward (HF ``gradient_checkpointing_enable``).
 
     Raises:

@@ -40,7 +40,8 @@ class LearnerWorker:
                  gradient_checkpointing: bool):
         set_torch_threads(cfg.torch_threads)
         device = "cuda" if cfg.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
-        self.learner = Learner(cfg, algo, rank, world_size, device=device, param_dtype=getattr(torch, param_dtype),
+        compute = getattr(torch, param_dtype) if device == "cuda" else torch.float32  # CPU debug runs train in fp32
+        self.learner = Learner(cfg, algo, rank, world_size, device=device, param_dtype=compute,
                                gradient_checkpointing=gradient_checkpointing)
 
     def rendezvous_address(self) -> tuple[str, int]:
