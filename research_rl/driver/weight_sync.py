@@ -99,12 +99,18 @@ class WeightSync:
 
         Raises:
             WorkerError: a learner rank or an engine failed (an unknown name, a tensor left out, a lost peer).
+            RuntimeError: an engine received fewer bytes than the plan holds.
         """
         t0 = time.perf_counter()
         buckets = self.learners.call_rank(0, "sync_plan", self.route.dtype, self.bucket_mb)
         self.engines.call("sync_begin", buckets)
         getattr(self, f"_{self.route.transport}")(buckets)
         stats = self.engines.call("sync_end", version)
+        expected = sum(b.nbytes for b in buckets)
+        for rank, got in enumerate(stats):
+            if got["bytes"] != expected:
+                raise RuntimeError(f"weight sync to policy version {version}: rollout engine {rank} received "
+                                   f"{got['bytes']} of the plan's {expected} bytes")
         return {"sync/bytes": float(stats[0]["bytes"]), "sync/buckets": float(len(buckets)),
                 "sync/tensors": float(stats[0]["tensors"]), "sync/seconds": time.perf_counter() - t0}
 
