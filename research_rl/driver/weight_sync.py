@@ -104,8 +104,12 @@ class WeightSync:
         t0 = time.perf_counter()
         buckets = self.learners.call_rank(0, "sync_plan", self.route.dtype, self.bucket_mb)
         self.engines.call("sync_begin", buckets)
-        getattr(self, f"_{self.route.transport}")(buckets)
-        stats = self.engines.call("sync_end", version)
+        try:
+            getattr(self, f"_{self.route.transport}")(buckets)
+            stats = self.engines.call("sync_end", version)  # the engines drop their mappings of the ipc slots
+        finally:
+            if self.route.transport == "ipc":
+                self.learners.call("sync_end")  # then the learner ranks free them
         expected = sum(b.nbytes for b in buckets)
         for rank, got in enumerate(stats):
             if got["bytes"] != expected:
@@ -121,20 +125,17 @@ class WeightSync:
         for h in self.learners.call_each("sync_begin_ipc",
                                          [(buckets, r in self.route.packers) for r in range(len(self.learners))]):
             handles.update(h)
-        try:
-            in_slot: list[list | None] = [None, None]  # the engines' pending answers per slot
-            for bucket in buckets:
-                slot = bucket.index % 2
-                if in_slot[slot] is not None:
-                    self.engines.wait("sync_ipc", in_slot[slot])
-                self.learners.call("sync_pack", slot)
-                msg = IpcBucket(bucket, slot, {k: v[slot] for k, v in handles.items()})
-                in_slot[slot] = self.engines.submit("sync_ipc", msg)
-            for refs in in_slot:
-                if refs is not None:
-                    self.engines.wait("sync_ipc", refs)
-        finally:
-            self.learners.call("sync_end")
+        in_slot: list[list | None] = [None, None]  # the engines' pending answers per slot
+        for bucket in buckets:
+            slot = bucket.index % 2
+            if in_slot[slot] is not None:
+                self.engines.wait("sync_ipc", in_slot[slot])
+            self.learners.call("sync_pack", slot)
+            msg = IpcBucket(bucket, slot, {k: v[slot] for k, v in handles.items()})
+            in_slot[slot] = self.engines.submit("sync_ipc", msg)
+        for refs in in_slot:
+            if refs is not None:
+                self.engines.wait("sync_ipc", refs)
 
     def _collective(self, buckets: list) -> None:
         receiving = self.engines.submit("sync_collective", buckets)  # they wait for the broadcasts
