@@ -29,7 +29,11 @@ Figures per row:
   collective group is formed once, before the warm-up (``setup_seconds``, not in ``seconds``).
 - ``bytes``: bytes on the wire to the engine, from the sync's own metrics (``sync/bytes``; legacy: the fp32 bytes
   of the buckets the engine received, as the old sync reported them); ``params``: elements in a full sync (tied
-  embeddings once).
+  embeddings once). A bucket's bytes include the alignment of each tensor to 256 bytes
+  (``research_rl.sync.buckets.ALIGN``), which travels too: ``padding_bytes`` = bytes − params × the wire dtype's
+  size (0 at the 0.5B shape, whose tensors are all multiples of 256 bytes in bf16; 512 for the debug model's
+  128-byte k/v biases); ``plan_bytes`` is the plan's total, which ``bytes`` must equal.
+- ``put_seconds`` (legacy only): the learner's part, gathering and putting every bucket, before the engine reads.
 - ``peak_rss_bytes``: a background thread samples the resident set (``/proc/<pid>/statm``) of the learner and the
   engine process (their ``where()`` pids) every ~5 ms during each sync; per sync, the peak of the sum minus the sum
   just before it; the row gives the largest over all syncs (warm-up included: a sync's first pass maps pages, e.g.
@@ -40,6 +44,9 @@ Figures per row:
 - ``probe_mean_abs_diff``: before the last timed sync the engine's weights are zeroed (a sync that moved nothing
   would leave them so); after it, the mean |engine − learner| log-prob per token of a probe sequence (bf16 engine
   against the fp32 learner), ``probe_mean_abs_diff_zeroed`` the same before that sync.
+
+``--quick`` (a check that the script runs, as tests/test_bench.py does): 2 timed syncs, and every row over one
+learner/engine pair, so a row's memory figures depend on the rows before it.
 
 ``speedup_vs_legacy``: legacy seconds / the row's seconds. The goal checked at the 0.5B shape: ipc and collective
 each ≥ 3× faster than legacy, and bytes = params × 2 (bf16 on the wire).
@@ -220,10 +227,11 @@ def measure(name: str, requested: str | None, placement: str, learners, engines,
         def sync(version: int) -> dict:
             t = time.perf_counter()
             refs = learners.first("legacy_buckets", args.bucket_mb)
+            put = time.perf_counter() - t
             stats = engines.call("legacy_load", refs, version)[0]
             n, refs = len(refs), None
             return {"sync/bytes": float(stats["bytes"]), "sync/buckets": float(n), "sync/tensors": stats["tensors"],
-                    "sync/seconds": time.perf_counter() - t}
+                    "sync/seconds": time.perf_counter() - t, "put_seconds": put}
         dtype = "float32"
     else:
         route = WeightSync(learners, engines, requested, placement, args.bucket_mb)
@@ -261,7 +269,8 @@ def measure(name: str, requested: str | None, placement: str, learners, engines,
             "tensors": last["sync/tensors"], "peak_rss_bytes": max(rss), "peak_rss_bytes_warmup": rss[0],
             "peak_rss_bytes_timed": max(rss[1:]), "learner_peak_rss_bytes": per_pid[worst][pids[0]],
             "engine_peak_rss_bytes": per_pid[worst][pids[1]], "probe_mean_abs_diff": after,
-            "probe_mean_abs_diff_zeroed": zeroed}
+            "probe_mean_abs_diff_zeroed": zeroed,
+            **({"put_seconds": statistics.median(m["put_seconds"] for m in metrics[1:])} if requested is None else {})}
 
 
 def stop_roles(*groups) -> None:
