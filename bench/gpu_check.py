@@ -28,6 +28,10 @@ c. **one FSDP2 optimizer step over NCCL** (``fsdp2_step``): a GRPO-shaped loss (
    one ``full_tensor()`` each, as ``FSDP2Backend.full_tensors``) are packed in bf16 buckets on the GPU
    (``research_rl.sync.buckets``), loaded into the engine, and the probe is run again (``probe_after_step``).
 
+A part that raises is recorded under ``errors`` (with its traceback) and the other parts still run; ``ok`` is true
+when none failed, the received tensors are bit-equal, the step changed the weights and the probe after it is within
+``trainer.probe_tolerance``; the exit status is 1 otherwise.
+
 ``--smoke`` runs the same code on CPU with gloo, the tiny shape and fewer syncs: a check that the script runs (the
 CPU transport of ``ipc`` is a ``/dev/shm`` file; the CPU learner computes in fp32, as ``research_rl.learner.fsdp2``
 does on CPU). Imports from the repository only ``research_rl.sync``, ``research_rl.rollout.hf_engine`` (with
@@ -145,7 +149,8 @@ def receiver_main(model_dir: str, device: str, inbox, outbox) -> None:
                 outbox.put(("stats", {"bytes": s.bytes, "elements": s.elements, "tensors": s.tensors,
                                       "buckets": s.buckets}))
             elif msg[0] == "checksums":
-                outbox.put(("checksums", {n: checksum(e._params[n]) for n in msg[1]}))
+                state = e.model.state_dict()
+                outbox.put(("checksums", {n: checksum(state[n]) for n in msg[1]}))
             elif msg[0] == "quit":
                 return
     except BaseException as exc:  # the sender would wait forever otherwise
@@ -216,7 +221,8 @@ def ipc_check(model_dir: str, args) -> dict:
         mismatched = sorted(n for n in expected if got[n] != expected[n])
         params = sum(t.numel() for _, t in tensors)
         median = statistics.median(seconds)
-        return {"shape": args.shape, "params": params, "bytes": stats["bytes"], "bytes_per_param": stats["bytes"] / params,
+        return {"shape": args.shape, "params": params, "bytes": stats["bytes"],
+                "bytes_per_param": stats["bytes"] / params,
                 "buckets": len(buckets), "bucket_mb": args.bucket_mb, "tensors": stats["tensors"],
                 "seconds": median, "seconds_all": seconds, "gb_per_s": stats["bytes"] / median / 1e9,
                 "bit_equal": not mismatched, "mismatched": mismatched[:10], "tensors_checked": len(expected)}
@@ -376,26 +382,40 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     result = {"device": torch.cuda.get_device_name() if not args.smoke else "cpu (smoke)", "smoke": args.smoke,
               "torch": torch.__version__, "transformers": transformers.__version__, "shape": args.shape}
+    errors = result["errors"] = {}
+
+    def part(name: str, fn, *fargs) -> dict | None:
+        """Run one check; a failure is recorded (with its traceback) and the other checks still run."""
+        try:
+            return fn(*fargs)
+        except Exception as exc:  # one run on a lent machine: keep what the other parts measure
+            import traceback
+
+            errors[name] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-4000:]}"
+            log(f"{name} FAILED: {type(exc).__name__}: {exc}")
+            return None
+
     try:
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
             t0 = time.perf_counter()
             build(SHAPES[args.shape]).save_pretrained(tmp)
             log(f"built and saved {args.shape} (fp32) in {time.perf_counter() - t0:.0f} s")
-            result["ipc"] = ipc_check(tmp, args)
-            log(f"ipc: {result['ipc']['seconds'] * 1e3:.1f} ms/sync, {result['ipc']['bytes']} bytes "
-                f"({result['ipc']['bytes_per_param']:.2f}/param), {result['ipc']['gb_per_s']:.1f} GB/s, "
-                f"bit-equal {result['ipc']['bit_equal']}")
+            ipc = result["ipc"] = part("ipc", ipc_check, tmp, args)
+            if ipc:
+                log(f"ipc: {ipc['seconds'] * 1e3:.1f} ms/sync, {ipc['bytes']} bytes "
+                    f"({ipc['bytes_per_param']:.2f}/param), {ipc['gb_per_s']:.1f} GB/s, bit-equal {ipc['bit_equal']}")
             if not args.smoke:
                 torch.cuda.empty_cache()
-            result.update(probe_and_step(tmp, args))
-        result["ok"] = bool(result["ipc"]["bit_equal"] and result["fsdp2_step"]["ok"]
+            result.update(part("probe_and_step", probe_and_step, tmp, args) or {})
+        result["ok"] = bool(not errors and result["ipc"]["bit_equal"] and result["fsdp2_step"]["ok"]
                             and result["probe_after_step"]["within_probe_tolerance"])
     finally:
         result["seconds"] = time.perf_counter() - t_start
+        result.setdefault("ok", False)
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2))
         dist.destroy_process_group()
-    log(f"done in {result['seconds']:.0f} s; ok = {result['ok']}")
+    log(f"done in {result['seconds']:.0f} s; ok = {result['ok']}" + (f"; failed: {sorted(errors)}" if errors else ""))
     return 0 if result["ok"] else 1
 
 

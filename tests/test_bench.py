@@ -99,7 +99,7 @@ def test_gpu_check_smoke_runs_with_torch_and_transformers_only(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["ok"] is True and result["smoke"] is True
+    assert result["ok"] is True and result["smoke"] is True and result["errors"] == {}
     ipc = result["ipc"]
     assert ipc["bit_equal"] is True and ipc["tensors_checked"] == ipc["tensors"] and not ipc["mismatched"]
     assert ipc["buckets"] > 2 and len(ipc["seconds_all"]) == 2  # several buckets: both slots, reused
