@@ -7,7 +7,8 @@ Runs, each as a subprocess with its own ``--json`` output (their printed tables 
 - ``rollout``: ``bench/rollout.py`` with the HF engine, turn_sync against async, against a retrieval service this
   script starts (``python -m retriever_service.serve`` on a free loopback port) and stops;
 - ``compare_trl``: ``bench/compare_trl.py`` (research-rl against TRL's GRPOTrainer) with ``.venv-trl/bin/python``,
-  only when that venv exists (``make install-trl``); otherwise recorded as skipped.
+  only when that venv exists (``make install-trl``); otherwise recorded as skipped;
+- ``weight_sync``: ``bench/weight_sync.py`` on the debug model, every transport and the legacy object-store sync.
 
 ``--full`` drops the quick settings and runs each script at its own defaults (far longer). The report records the
 commit (``git rev-parse HEAD`` and whether the tree was dirty), every command line, the machine (CPU model, cores,
@@ -16,7 +17,7 @@ A benchmark that fails is recorded with its exit status and log tail; the others
 then. Run from the repository root with the project's venv::
 
     RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/run_all.py \\
-        [--out outputs/bench] [--only retriever,learner,rollout,compare_trl] [--full]
+        [--out outputs/bench] [--only retriever,learner,rollout,compare_trl,weight_sync] [--full]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ("retriever", "learner", "rollout", "compare_trl")
+NAMES = ("retriever", "learner", "rollout", "compare_trl", "weight_sync")
 TRL_PYTHON = ROOT / ".venv-trl/bin/python"
 WARM_MODEL = ROOT / "artifacts/bench_warm_model"  # shared by rollout and compare_trl (built by the first to need it)
 
@@ -45,6 +46,7 @@ QUICK = {
     "rollout": ["--engines", "hf", "--latencies-ms", "0,20", "--questions", "4", "--repeats", "1",
                 "--max-response-len", "1024"],
     "compare_trl": ["--steps", "4", "--pairs", "2"],
+    "weight_sync": ["--preset", "debug", "--repeats", "3"],
 }
 
 
@@ -217,6 +219,15 @@ def markdown(report: dict) -> str:
                   f"TRL tokens/s = {q['tokens_per_s_rrl_over_trl']:.2f}; reward at last step, research-rl − TRL = "
                   f"{q['reward_last_rrl_minus_trl']:+.3f}; reward over the last half of the steps, research-rl − TRL "
                   f"(mean over pairs) = {q['reward_late_rrl_minus_trl']:+.3f}."]
+    r = b.get("weight_sync", {}).get("result")
+    if r:
+        lines += ["", f"## Weight sync ({r['preset']} model, 1 learner rank → 1 bf16 HF engine)", "",
+                  "| transport | wire dtype | s/sync | bytes | params | peak RSS Δ MiB | speedup vs legacy |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for row in r["rows"]:
+            lines.append(f"| {row['transport']} | {row['wire_dtype']} | {row['seconds']:.3f} | {row['bytes']:.0f} | "
+                         f"{row['params']} | {row['peak_rss_bytes'] / 2**20:.0f} | "
+                         f"{r['speedup_vs_legacy'].get(row['transport'], 1.0):.2f} |")
     return "\n".join(lines) + "\n"
 
 
