@@ -29,10 +29,9 @@ Figures per row:
   collective group is formed once, before the warm-up (``setup_seconds``, not in ``seconds``).
 - ``bytes``: bytes on the wire to the engine, from the sync's own metrics (``sync/bytes``; legacy: the fp32 bytes
   of the buckets the engine received, as the old sync reported them); ``params``: elements in a full sync (tied
-  embeddings once). A bucket's bytes include the alignment of each tensor to 256 bytes
+  embeddings once). A bucket's bytes include the alignment of each tensor to 16 bytes
   (``research_rl.sync.buckets.ALIGN``), which travels too: ``padding_bytes`` = bytes − params × the wire dtype's
-  size (0 at the 0.5B shape, whose tensors are all multiples of 256 bytes in bf16; 512 for the debug model's
-  128-byte k/v biases); ``plan_bytes`` is the plan's total, which ``bytes`` must equal.
+  size (0 at both presets, whose bf16 tensors are all multiples of 16 bytes); ``plan_bytes`` is the plan's total, which ``bytes`` must equal.
 - ``put_seconds`` (legacy only): the learner's part, gathering and putting every bucket, before the engine reads.
 - ``peak_rss_bytes``: a background thread samples the resident set (``/proc/<pid>/statm``) of the learner and the
   engine process (their ``where()`` pids) every ~5 ms during each sync; per sync, the peak of the sum minus the sum
