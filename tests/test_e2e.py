@@ -121,6 +121,23 @@ def test_two_grpo_steps_checkpoint_and_resume(debug_model_dir, bm25_index, tmp_p
     assert (stats["queries"] > 0) == (searches > 0)
 
 
+def test_tis_run_logs_the_engine_learner_mismatch(debug_model_dir, bm25_index, tmp_path):
+    """``algo.rollout_is=tis`` through the real entry point: the HF engine's log-probs reach the learner, which
+    logs the truncated weight and the engine/learner KL with the ``actor/*`` metrics. On CPU both sides run the
+    same float32 weights, so the weight is 1 and the KL 0 up to the numerics of a KV-cached forward."""
+    run = tmp_path / "run"
+    proc = _train(tiny_overrides(debug_model_dir, bm25_index, run) + [
+        "trainer.total_steps=1", "trainer.save_every=0", "validation.every=0", "warmup.steps=4",
+        "rollout.max_response_len=64", "algo.rollout_is=tis"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (step,) = [r for r in rows if "rollout/reward_mean" in r]
+    print({k: v for k, v in step.items() if k.startswith(("rollout/is", "rollout/engine"))})
+    assert step["rollout/is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
+    assert step["rollout/engine_learner_kl"] == pytest.approx(0.0, abs=1e-9)  # k3 ≈ r²/2, r ~ 1e-6 per token
+    assert step["actor/grad_norm"] > 0
+
+
 def test_missing_debug_model_names_the_build_command(bm25_index, tmp_path):
     proc = _train(tiny_overrides("artifacts/no_such_model", bm25_index, tmp_path / "run"))
     assert proc.returncode != 0
