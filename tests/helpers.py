@@ -61,10 +61,13 @@ class ScriptedEngine:
 
     A segment ending in ``</search>`` stops with ``search``, one ending in an EOS id (``eos_ids``, default the
     tokenizer's) with ``eos``; a budget smaller than the segment truncates it (``length``), as a real engine would.
+    With ``log_probs``, a sampled (non-greedy) request reports ``token_log_prob(id)`` for each id, as a real engine
+    reports its sampling log-probs; otherwise none.
     """
 
-    def __init__(self, tokenizer, scripts: dict[tuple[int, ...], list[str]], eos_ids=None):
+    def __init__(self, tokenizer, scripts: dict[tuple[int, ...], list[str]], eos_ids=None, log_probs: bool = False):
         self.tok = tokenizer
+        self.log_probs = log_probs
         self.eos_ids = set(eos_ids or [tokenizer.eos_token_id])
         self.scripts = {k: list(v) for k, v in scripts.items()}
         self.calls: list[int] = []  # batch size of each call
@@ -81,8 +84,14 @@ class ScriptedEngine:
             if len(out) > budget:
                 out, finish = out[:budget], "length"
             self.generated[key].append(out)
-            outs.append(GenerationOutput(out, finish))
+            lps = [token_log_prob(t) for t in out] if self.log_probs and not sampling.is_greedy else None
+            outs.append(GenerationOutput(out, finish, lps))
         return outs
+
+
+def token_log_prob(token_id: int) -> float:
+    """The scripted engine's log-prob of ``token_id``: a value that tells ids apart (-0.1 .. -0.7)."""
+    return -(token_id % 7 + 1) / 10
 
 
 class ScriptedChatServer:

@@ -16,7 +16,7 @@ from research_rl.rollout.agent_loop import (
     format_observation,
 )
 
-from helpers import ScriptedEngine
+from helpers import ScriptedEngine, token_log_prob
 
 pytestmark = pytest.mark.unit
 
@@ -145,6 +145,103 @@ def test_raising_search_function_is_a_bug_not_an_outage(tokenizer, mode):
     engine = ScriptedEngine(tokenizer, {p: ["<search> q </search>"]})
     with pytest.raises(RuntimeError, match="returned 0 results for 1 queries"):
         AgentLoop(engine, lambda qs: [], tokenizer, 100, mode=mode).run([list(p)], SamplingParams())
+
+
+def test_rollout_log_probs_align_with_the_response(tokenizer, mode):
+    """The engine's per-token log-probs land on their tokens, 0.0 on inserted results (also when the budget cuts a
+    result or a generation); in the batch, position t scores token t+1 and is 0 off the loss mask. Greedy
+    requests report none, and the trajectory then carries None."""
+    from research_rl.algo.experience import Experience
+
+    eos = tokenizer.eos_token
+    p1, p2 = _prompt(tokenizer, "User: first question"), _prompt(tokenizer, "User: second one")
+
+    def scripts():
+        return {p1: ["<think> a </think> <search> Ed Wood </search>", " <answer> \\boxed{x} </answer>" + eos],
+                p2: ["<think> b </think> <search> Nissedal </search>", " more text that the budget cuts short"]}
+
+    def search(queries):
+        return [[f"passage about {q}"] for q in queries]
+
+    engine = ScriptedEngine(tokenizer, scripts(), log_probs=True)
+    trajs = AgentLoop(engine, search, tokenizer, max_response_len=40, mode=mode).run([list(p1), list(p2)],
+                                                                                     SamplingParams(seed=1))
+    assert trajs[1].finish_reason == "length" and 0 in trajs[0].loss_mask and 0 in trajs[1].loss_mask
+    for t in trajs:
+        assert len(t.rollout_log_probs) == len(t.response_ids)
+        want = [token_log_prob(tok) if m else 0.0 for tok, m in zip(t.response_ids, t.loss_mask)]
+        assert t.rollout_log_probs == want
+    batch = Experience.from_sequences([t.prompt_ids for t in trajs], [t.response_ids for t in trajs],
+                                      [t.loss_mask for t in trajs], tokenizer.pad_token_id,
+                                      response_log_probs=[t.rollout_log_probs for t in trajs])
+    assert batch.rollout_log_probs.shape == (2, batch.input_ids.shape[1] - 1)
+    scored = batch.loss_mask[:, 1:].bool()
+    labels = batch.input_ids[:, 1:]  # position t scores token t+1
+    assert batch.rollout_log_probs[scored].tolist() == pytest.approx([token_log_prob(int(x)) for x in labels[scored]])
+    assert not batch.rollout_log_probs[~scored].any()
+    # greedy requests report no log-probs: the trajectory carries None, and so does the batch
+    engine = ScriptedEngine(tokenizer, scripts(), log_probs=True)
+    greedy = AgentLoop(engine, search, tokenizer, max_response_len=40, mode=mode).run([list(p1)],
+                                                                                      SamplingParams(greedy=True))
+    assert greedy[0].rollout_log_probs is None
+    with pytest.raises(ValueError, match="log-probs for"):
+        Experience.from_sequences([list(p1)], [[5, 6]], [[1, 1]], 0, response_log_probs=[[-0.1]])
+
+
+def _reference_sample(model, prompt, n, temperature, top_p, seed):
+    """The HF engine's documented sampling, one token at a time on full forwards: temperature, top-p filtered as
+    transformers' ``TopPLogitsWarper``, then one uniform draw of a generator seeded with ``seed`` per token,
+    inverse-CDF. Returns the ids and each sampled id's log-prob under that filtered distribution."""
+    g = torch.Generator().manual_seed(seed)
+    ids, log_probs = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float() / temperature  # [V]
+            if top_p < 1.0:
+                sorted_logits, order = torch.sort(logits)
+                remove = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+                remove[-1] = False
+                logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+            cdf = logits.softmax(-1).cumsum(-1)
+            tok = int(torch.searchsorted(cdf, torch.rand(1, generator=g) * cdf[-1]).clamp(max=len(cdf) - 1))
+            ids.append(tok)
+            log_probs.append(float(logits.log_softmax(-1)[tok]))
+    return ids[len(prompt):], log_probs
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.7, 1.0), (1.0, 0.8)])
+def test_hf_engine_log_probs_are_the_learners_and_sampling_is_unchanged(debug_model_dir, tokenizer, temperature,
+                                                                        top_p):
+    """The HF engine's tokens are those of its documented sampler (one seeded uniform draw per token, inverse CDF;
+    asking for log-probs changes none of them), and its log-probs are each sampled token's under the distribution
+    it was drawn from: at top_p = 1 the learner's ``log_softmax(logits / T)`` (``passes.token_log_probs`` on the
+    batch the driver builds, temperature T), at top_p < 1 that minus the log of the nucleus mass."""
+    from research_rl.algo.experience import Experience
+    from research_rl.learner.passes import token_log_probs
+    from research_rl.rollout.hf_engine import HFEngine
+
+    engine = HFEngine(str(debug_model_dir), tokenizer, max_batch_size=4)
+    prompts = [tokenizer.encode(q, add_special_tokens=False)
+               for q in ["User: Who directed Ed Wood?", "User: Where is Nissedal?", "User: A longer question, x?"]]
+    seeds = [11, 12, 13]
+    outs = engine.generate(prompts, [24, 24, 24], SamplingParams(temperature=temperature, top_p=top_p), seeds)
+    for p, s, out in zip(prompts, seeds, outs):
+        assert len(out.log_probs) == len(out.token_ids) > 0
+        ids, lps = _reference_sample(engine.model, p, len(out.token_ids), temperature, top_p, s)
+        assert out.token_ids == ids
+        torch.testing.assert_close(torch.tensor(out.log_probs), torch.tensor(lps), rtol=0, atol=2e-5)
+    # the learner's side: the batch's rollout_log_probs against the learner's log-probs at temperature T
+    batch = Experience.from_sequences(prompts, [o.token_ids for o in outs], [[1] * len(o.token_ids) for o in outs],
+                                      tokenizer.pad_token_id, response_log_probs=[o.log_probs for o in outs],
+                                      temperature=temperature)
+    learner, _ = token_log_probs(engine.model, batch, torch.device("cpu"), with_entropy=False)
+    scored = batch.loss_mask[:, 1:].bool()
+    if top_p == 1.0:
+        torch.testing.assert_close(batch.rollout_log_probs[scored], learner[scored], rtol=0, atol=2e-5)
+    else:  # the nucleus renormalises: the engine's log-prob is the learner's minus log(nucleus mass) <= 0
+        gap = batch.rollout_log_probs[scored] - learner[scored]
+        assert (gap > -2e-5).all() and gap.max() > 1e-3
+    assert engine.generate(prompts[:1], [8], SamplingParams(greedy=True))[0].log_probs is None
 
 
 def test_real_hf_engine_loop(debug_model_dir, tokenizer):

@@ -61,11 +61,27 @@ def test_paper_settings_in_7b_experiment():
     ("rollout.vllm_gpu_memory_utilization=1.5", "rollout.vllm_gpu_memory_utilization"),
     ("rollout.vllm_max_model_len=1000", "rollout.vllm_max_model_len"),  # < max_prompt_len + max_response_len
     ("rollout.engine=vllm", "rollout.num_gpus_per_worker"),  # vLLM runs on GPUs
+    ("algo.rollout_is=sequence", "algo.rollout_is"),
+    ("algo.rollout_is_cap=0.5", "algo.rollout_is_cap"),  # a cap below 1 shrinks even matching tokens
+    ("algo.rollout_is_cap=inf", "algo.rollout_is_cap"),
 ])
 def test_bad_override_names_the_key(override, key):
     with pytest.raises(ConfigError) as e:
         check_config(compose_config(["experiment=debug_cpu", override]))
     assert key in str(e.value)
+
+
+def test_rollout_is_keys():
+    """Off by default with verl's cap; ``tis`` composes with a cap of choice, and is refused with greedy training
+    rollouts (temperature 0: the engine reports no log-probs), naming the key."""
+    cfg = compose_config(["experiment=debug_cpu"])
+    assert (cfg.algo.rollout_is, cfg.algo.rollout_is_cap) == ("none", 2.0)
+    cfg = compose_config(["experiment=debug_cpu", "algo.rollout_is=tis", "algo.rollout_is_cap=5"])
+    assert (cfg.algo.rollout_is, cfg.algo.rollout_is_cap) == ("tis", 5.0)
+    check_config(cfg)
+    with pytest.raises(ConfigError, match=r"algo.rollout_is.*rollout.temperature=0"):
+        compose_config(["experiment=debug_cpu", "algo.rollout_is=tis", "rollout.temperature=0"])
+    compose_config(["experiment=debug_cpu", "rollout.temperature=0"])  # without TIS greedy training composes
 
 
 def test_batch_divisibility_and_gpu_budget():

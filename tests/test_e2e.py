@@ -127,6 +127,31 @@ def test_two_grpo_steps_checkpoint_and_resume(debug_model_dir, bm25_index, tmp_p
     assert (stats["queries"] > 0) == (searches > 0)
 
 
+@pytest.mark.parametrize("engine_dtype", ["float32", "bfloat16"])
+def test_tis_run_logs_the_engine_learner_mismatch(debug_model_dir, bm25_index, tmp_path, engine_dtype):
+    """``algo.rollout_is=tis`` through the real entry point: the HF engine's log-probs reach the learner, which
+    logs the truncated weight and the engine/learner KL with the ``actor/*`` metrics. With a float32 engine both
+    sides run the same weights, so the weight is 1 and the KL 0 up to the numerics of a KV-cached forward; a
+    bfloat16 engine (``rollout.hf_dtype``, the GPU path's precision) samples from measurably different
+    probabilities than the float32 learner."""
+    run = tmp_path / "run"
+    proc = _train(tiny_overrides(debug_model_dir, bm25_index, run) + [
+        "trainer.total_steps=1", "trainer.save_every=0", "validation.every=0", "warmup.steps=4",
+        "rollout.max_response_len=64", "algo.rollout_is=tis", f"rollout.hf_dtype={engine_dtype}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (step,) = [r for r in rows if "rollout/reward_mean" in r]
+    print(engine_dtype, {k: v for k, v in step.items() if k.startswith(("rollout/is", "rollout/engine"))})
+    weight, kl = step["rollout/is_weight_mean"], step["rollout/engine_learner_kl"]
+    # on the engine's samples π_learner/π_engine has mean 1 whatever the mismatch; the KL tells them apart
+    assert weight == pytest.approx(1.0, abs=1e-2)
+    if engine_dtype == "float32":
+        assert kl == pytest.approx(0.0, abs=1e-9)  # k3 ≈ r²/2 for per-token log-ratios r of ~1e-6: 5e-14 measured
+    else:
+        assert 1e-8 < kl < 1e-2  # 7e-7 measured on the tiny model
+    assert step["actor/grad_norm"] > 0
+
+
 def test_missing_debug_model_names_the_build_command(bm25_index, tmp_path):
     proc = _train(tiny_overrides("artifacts/no_such_model", bm25_index, tmp_path / "run"))
     assert proc.returncode != 0

@@ -25,6 +25,7 @@ from research_rl.algo.grpo import (
     masked_mean,
     masked_sum,
     policy_loss,
+    tis_weights,
     token_mean,
 )
 
@@ -290,6 +291,69 @@ def test_grpo_loss_kl_clamp_binds_hand_computed():
                           kl_clamp=20.0)
     # clamp 20 does not bind: (16.085537 + 0.718282) / 2 = 8.401909
     assert unclamped.kl.item() == pytest.approx(8.401909, abs=1e-5)
+
+
+def test_tis_weights_hand_computed():
+    learner = torch.tensor([[-1.0, -2.0, -0.5, -1.0, -3.0]])
+    engine = torch.tensor([[-1.0, -2.5, -1.5, -0.5, -100.0]])
+    # log ratio learner - engine = [0, 0.5, 1, -0.5, 97]
+    # exp = [1, 1.648721, 2.718282, 0.606531, 1.3e42 (overflows float32 to inf)] -> min(., 2) = [1, 1.648721, 2, 0.606531, 2]
+    w = tis_weights(learner, engine, cap=2.0)
+    torch.testing.assert_close(w, torch.tensor([[1.0, 1.648721, 2.0, 0.606531, 2.0]]), rtol=0, atol=1e-6)
+    # a looser cap: e^1 = 2.718282 is no longer truncated
+    assert tis_weights(learner, engine, cap=3.0)[0, 2].item() == pytest.approx(2.718282, abs=1e-6)
+    with pytest.raises(ValueError, match="cap"):
+        tis_weights(learner, engine, cap=0.5)
+    with pytest.raises(ValueError, match="shape"):
+        tis_weights(learner, engine[:, :3], cap=2.0)
+
+
+def test_grpo_loss_with_tis_weights_hand_computed():
+    # one trajectory, 4 loss tokens and 1 padding; one step per batch: old = logp, so the PPO ratio is 1
+    logp = torch.tensor([[-1.0, -2.0, -0.5, -1.0, -3.0]], requires_grad=True)
+    engine = torch.tensor([[-1.0, -2.5, -1.5, -0.5, -7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    adv = torch.tensor([[1.0, 1.0, -1.0, 1.0, 1.0]])
+    ref = logp.detach() + 1.0  # ref - logp = 1 everywhere
+    ent = torch.tensor([[2.0, 2.0, 2.0, 2.0, 99.0]])
+    # w = min(exp(logp - engine), 2) = min(exp([0, 0.5, 1, -0.5, 4]), 2) = [1, 1.648721, 2 (truncated from
+    # 2.718282), 0.606531, 2 (padding)]
+    w = tis_weights(logp.detach(), engine, cap=2.0)
+    out = grpo_loss(logp, logp.detach(), ref, adv, mask, ent, clip_eps=0.2, kl_coef=0.1, entropy_coef=0.01,
+                    is_weights=w)
+    # pg per token = -A * ratio = [-1, -1, 1, -1]; weighted: [-1, -1.648721, 2, -0.606531]
+    # pg_loss = (-1 - 1.648721 + 2 - 0.606531) / 4 = -1.255252 / 4 = -0.313813
+    assert out.pg_loss.item() == pytest.approx(-0.313813, abs=1e-6)
+    # KL and entropy are not weighted: k3(1) = e - 1 - 1 = 0.718282 per token; entropy mean 2
+    assert out.kl.item() == pytest.approx(0.718282, abs=1e-6)
+    assert out.entropy.item() == pytest.approx(2.0)
+    # loss = -0.313813 + 0.1 * 0.718282 - 0.01 * 2 = -0.313813 + 0.0718282 - 0.02 = -0.261985
+    assert out.loss.item() == pytest.approx(-0.261985, abs=1e-6)
+    # clip_frac and approx_kl are unweighted diagnostics: 0 at ratio 1
+    assert out.clip_frac.item() == 0.0 and out.approx_kl.item() == 0.0
+    # the weight is a constant of the gradient: d pg_loss / d logp_t = -A_t * w_t * ratio / 4
+    # = [-0.25, -0.412180, 0.5, -0.151633, 0]; plus the KL term's 0.1 * (1 - e^1) / 4 = -0.042957 on loss tokens
+    out.loss.backward()
+    want = torch.tensor([[-0.25, -0.412180, 0.5, -0.151633, 0.0]]) + torch.tensor([[-0.042957] * 4 + [0.0]])
+    torch.testing.assert_close(logp.grad, want, rtol=0, atol=1e-5)
+    # without weights the same batch gives the unweighted pg_loss (-1 - 1 + 1 - 1) / 4 = -0.5
+    plain = grpo_loss(logp, logp.detach(), ref, adv, mask, ent, clip_eps=0.2, kl_coef=0.1, entropy_coef=0.01)
+    assert plain.pg_loss.item() == pytest.approx(-0.5)
+
+
+def test_grpo_loss_unit_weights_are_the_unweighted_loss_bit_for_bit():
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(3, 6, generator=g) * 3
+    old = logp + 0.1 * torch.randn(3, 6, generator=g)
+    ref = logp + 0.1 * torch.randn(3, 6, generator=g)
+    adv = torch.randn(3, 6, generator=g)
+    mask = (torch.rand(3, 6, generator=g) > 0.3).float()
+    args = (logp, old, ref, adv, mask, None)
+    kwargs = dict(clip_eps=0.2, kl_coef=0.01, entropy_coef=0.0, num_tokens=7.0)
+    plain, ones = grpo_loss(*args, **kwargs), grpo_loss(*args, **kwargs, is_weights=torch.ones(3, 6))
+    assert torch.equal(plain.loss, ones.loss) and torch.equal(plain.pg_loss, ones.pg_loss)
+    with pytest.raises(ValueError, match="is_weights"):
+        grpo_loss(*args, **kwargs, is_weights=torch.ones(3, 5))
 
 
 def test_grpo_loss_only_loss_carries_a_graph():

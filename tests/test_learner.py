@@ -167,6 +167,42 @@ def test_algo_kl_clamp_bounds_the_kl_term_of_the_update(learner, debug_model_dir
         assert metrics["actor/kl"] == pytest.approx(clamp, rel=1e-6)
 
 
+def test_rollout_log_probs_are_a_diagnostic_unless_tis(learner, debug_model_dir):
+    """Engine log-probs 0.5 nats below the learner's on every loss token (the engine found each token less likely):
+    w = min(e^0.5, C) = 1.648721 under C = 2, and the k3 estimate of KL(π_engine || π_learner) is
+    e^0.5 - 0.5 - 1 = 0.148721. With ``algo.rollout_is=none`` both are logged and the update is bit for bit the
+    one without rollout log-probs; with ``tis`` the policy-gradient term (and so its gradient) is scaled by w, and
+    at 1 nat below (e^1 = 2.718 > C) by the cap, 2. ``tis`` without rollout log-probs is refused."""
+    batch = _batch(seed=11).replace(advantages=torch.tensor([1.0, -0.5, 0.25, -1.0]))
+    mask = batch.loss_mask[:, 1:]
+    algo = dict(kl_coef=0.0, entropy_coef=0.0)
+    results = {}
+    for name, rollout_is, shift in (("plain", "none", None), ("diagnostic", "none", 0.5), ("tis", "tis", 0.5),
+                                    ("capped", "tis", 1.0)):
+        lrn = Learner(learner.cfg, AlgoConfig(**algo, rollout_is=rollout_is))
+        lrn.load_policy(str(debug_model_dir))
+        b = batch
+        if shift is not None:
+            b = batch.replace(rollout_log_probs=(lrn.compute_log_probs(batch) - shift) * mask)
+        results[name] = (lrn.update(b), _params(lrn))
+    plain, diagnostic = results["plain"], results["diagnostic"]
+    assert "rollout/is_weight_mean" not in plain[0]
+    assert diagnostic[0]["rollout/is_weight_mean"] == pytest.approx(1.648721, abs=1e-5)
+    assert diagnostic[0]["rollout/engine_learner_kl"] == pytest.approx(0.148721, abs=1e-5)
+    assert all(torch.equal(plain[1][k], diagnostic[1][k]) for k in plain[1])  # the loss did not change
+    assert {k: v for k, v in diagnostic[0].items() if k.startswith("actor/")} == plain[0]
+    for name, w in (("tis", 1.648721), ("capped", 2.0)):
+        metrics = results[name][0]
+        assert metrics["rollout/is_weight_mean"] == pytest.approx(w, abs=1e-5)
+        assert metrics["actor/pg_loss"] == pytest.approx(w * plain[0]["actor/pg_loss"], rel=1e-5)
+        assert metrics["actor/grad_norm"] == pytest.approx(w * plain[0]["actor/grad_norm"], rel=1e-4)
+    assert results["capped"][0]["rollout/engine_learner_kl"] == pytest.approx(0.718282, abs=1e-5)  # e - 1 - 1
+    lrn = Learner(learner.cfg, AlgoConfig(**algo, rollout_is="tis"))
+    lrn.load_policy(str(debug_model_dir))
+    with pytest.raises(ValueError, match="algo.rollout_is=tis needs the batch's rollout_log_probs"):
+        lrn.update(batch)
+
+
 def _reference_log_probs(model_dir, batch):
     """Log-probs the plain way: the full model, its full logits over every position, the padding mask."""
     from transformers import AutoModelForCausalLM

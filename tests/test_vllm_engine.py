@@ -191,3 +191,51 @@ def test_generation_stops_at_every_eos_id(synced, engine, tok):
     finally:
         engine.eos_ids = saved
     assert (out.token_ids, out.finish) == (first.token_ids, "eos")
+
+
+def _hf_sampling_log_probs(model, seq, start, temperature, top_p):
+    """Log-probs of tokens ``start..`` of ``seq`` under the HF model's sampling distribution: ``log_softmax(logits /
+    T)``, with top_p < 1 restricted to the nucleus (transformers' ``TopPLogitsWarper`` rule) and renormalised."""
+    ids = torch.tensor([seq])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, start - 1:-1].float() / temperature  # [n, V]
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1)
+        remove = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        remove[:, -1] = False
+        logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    return torch.log_softmax(logits, -1).gather(-1, ids[0, start:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.7, 1.0), (1.2, 0.9)])
+def test_sampled_log_probs_are_the_hf_models_at_the_sampling_temperature(synced, engine, trained, tok, temperature,
+                                                                        top_p):
+    """vLLM's log-probs of its sampled tokens (``logprobs=0``, ``logprobs_mode=processed_logprobs``) are the HF
+    model's ``log_softmax(logits / T)`` over the top-p nucleus, the quantity the HF engine returns, within 1e-4 (the
+    float32 CPU kernels of the two; the probe test above gets the same bound); vLLM's default ``raw_logprobs``
+    (T = 1, no nucleus) would be off by more than 1e-2. Through the agent loop, a trajectory's
+    ``rollout_log_probs`` line up with its response, 0.0 on the inserted result."""
+    sampling = SamplingParams(temperature=temperature, top_p=top_p)
+    prompts = [_prompt(tok, q) for q in QUESTIONS]
+    outs = engine.generate(prompts, [48, 48], sampling, seeds=[3, 4])
+    for p, out in zip(prompts, outs):
+        assert out.log_probs is not None and len(out.log_probs) == len(out.token_ids) > 4
+        want = _hf_sampling_log_probs(trained, p + out.token_ids, len(p), temperature, top_p)
+        got = torch.tensor(out.log_probs)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        raw = _hf_log_probs(trained, p + out.token_ids)[len(p) - 1:]
+        assert (got - raw).abs().max() > 1e-2
+    assert engine.generate(prompts[:1], [8], SamplingParams(greedy=True))[0].log_probs is None
+
+    def search(queries):
+        return [_passages(q) for q in queries]
+
+    trajs = AgentLoop(engine, search, tok, 120).run(prompts, SamplingParams(temperature=0.5, seed=2))
+    searched = [t for t in trajs if 0 in t.loss_mask]
+    assert searched, "the trained model searches at T = 0.5"
+    for t in trajs:
+        assert len(t.rollout_log_probs) == len(t.response_ids)
+        assert all(lp == 0.0 for lp, m in zip(t.rollout_log_probs, t.loss_mask) if not m)
+        want = _hf_sampling_log_probs(trained, t.prompt_ids + t.response_ids, len(t.prompt_ids), 0.5, 1.0)
+        generated = torch.tensor(t.loss_mask, dtype=torch.bool)
+        torch.testing.assert_close(torch.tensor(t.rollout_log_probs)[generated], want[generated], rtol=0, atol=1e-4)

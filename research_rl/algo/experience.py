@@ -11,6 +11,9 @@ One typed record crosses every process boundary between the rollout and the upda
     ref_log_probs  [N, L-1] float32  reference policy log-probs; position t scores token t+1; 0 off the loss mask
     old_log_probs  [N, L-1] float32  behaviour policy log-probs (same layout); None when the update uses the
                                      policy's own, detached (one optimizer step per batch)
+    rollout_log_probs [N, L-1] float32  the sampled tokens' log-probs as the rollout engine reported them (same
+                                     layout; the engine's sampling distribution, ``GenerationOutput.log_probs``);
+                                     None when the engine reported none (greedy rollouts)
 
 and per row, for the driver's metrics and rollout dumps (never read by the learner): ``question_ids``,
 ``rewards`` (``[N]`` float32 scores), ``reward_reasons``, ``finish_reasons`` (``eos | length | max_turns``),
@@ -32,7 +35,7 @@ import torch
 from torch import Tensor
 
 ROW_TENSORS = ("input_ids", "attention_mask", "loss_mask", "advantages", "ref_log_probs", "old_log_probs",
-               "rewards")
+               "rollout_log_probs", "rewards")
 ROW_LISTS = ("question_ids", "reward_reasons", "finish_reasons", "num_searches")
 
 
@@ -46,6 +49,7 @@ class Experience:
     advantages: Tensor | None = None
     ref_log_probs: Tensor | None = None
     old_log_probs: Tensor | None = None
+    rollout_log_probs: Tensor | None = None
     rewards: Tensor | None = None
     question_ids: list[str] = field(default_factory=list)
     reward_reasons: list[str] = field(default_factory=list)
@@ -73,9 +77,17 @@ class Experience:
 
     @classmethod
     def from_sequences(cls, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
-                       response_loss_masks: Sequence[Sequence[int]], pad_id: int, **rows) -> "Experience":
+                       response_loss_masks: Sequence[Sequence[int]], pad_id: int,
+                       response_log_probs: Sequence[Sequence[float]] | None = None, **rows) -> "Experience":
         """Right-padded ``[N, L]`` tensors of prompt + response, ``L`` = the longest row; the loss mask is the
-        response's own mask placed after its prompt. ``rows``: the other fields (``question_ids``, ...)."""
+        response's own mask placed after its prompt. ``response_log_probs``: per response token, the engine's
+        log-prob of it, placed as ``rollout_log_probs`` ``[N, L-1]`` (position ``t`` scores token ``t+1``; 0 off
+        the loss mask); None leaves ``rollout_log_probs`` None. ``rows``: the other fields (``question_ids``, ...).
+
+        Raises:
+            ValueError: a row's ``response_log_probs`` is not as long as its response, or a prompt is empty while
+                log-probs are given (its first response token would have no position to be scored at).
+        """
         n = len(prompts)
         width = max(len(p) + len(r) for p, r in zip(prompts, responses))
         ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -86,7 +98,18 @@ class Experience:
             ids[i, :lp + lr] = torch.tensor(list(p) + list(r))
             attn[i, :lp + lr] = 1
             mask[i, lp:lp + lr] = torch.tensor(list(m), dtype=torch.long)
-        return cls(ids, attn, mask, **rows)
+        rollout = None
+        if response_log_probs is not None:
+            rollout = torch.zeros((n, width - 1), dtype=torch.float32)
+            for i, (p, r, lps) in enumerate(zip(prompts, responses, response_log_probs)):
+                if len(lps) != len(r):
+                    raise ValueError(f"row {i}: {len(lps)} rollout log-probs for {len(r)} response tokens")
+                if r and not p:
+                    raise ValueError(f"row {i}: an empty prompt leaves the first response token unscored")
+                lp, lr = len(p), len(r)
+                rollout[i, lp - 1:lp - 1 + lr] = torch.tensor(list(lps), dtype=torch.float32)
+            rollout = rollout.masked_fill(mask[:, 1:] == 0, 0.0)  # 0 off the loss mask (inserted results too)
+        return cls(ids, attn, mask, rollout_log_probs=rollout, **rows)
 
     def select(self, rows: Sequence[int]) -> "Experience":
         """Rows ``rows`` (in that order) as a new batch whose tensors own their storage."""

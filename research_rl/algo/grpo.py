@@ -18,6 +18,13 @@ Choices made here, each matching the reference implementation (verl, ``verl/trai
   token with the k3 estimator ``exp(ref - logp) - (ref - logp) - 1`` (Schulman, "Approximating KL Divergence", 2020),
   which is what DeepSeekMath eq. (4) uses; verl calls it ``low_var_kl`` and clamps it to ±10 (``algo.kl_clamp``).
 
+Engine/learner mismatch (off by default, ``algo.rollout_is=tis``): the rollout engine (vLLM's bf16 kernels) samples
+from probabilities π_engine slightly different from the π_learner the learner computes for the same weights, so
+the batch is off-policy by that much. Truncated importance sampling (TIS; Yao et al., "Your Efficient RL Framework
+Secretly Brings You Off-Policy RL Training", 2025; verl's ``rollout_is`` in ``verl/trainer/ppo/mismatch_helper.py``
+and ``compute_policy_loss``) multiplies each token's clipped policy-gradient term by the detached weight
+``w_t = min(π_learner(y_t) / π_engine(y_t), C)`` (``tis_weights``); the KL and entropy terms are not weighted.
+
 Deliberate deviations from the paper's formula, following the reference (verl) training configuration:
 
 - **Token-mean aggregation.** The paper's objective averages each trajectory over its own length (1/|o_i|) and then
@@ -50,6 +57,7 @@ __all__ = [
     "masked_mean",
     "masked_sum",
     "policy_loss",
+    "tis_weights",
     "token_mean",
 ]
 
@@ -254,6 +262,37 @@ def policy_loss(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, cl
     return torch.maximum(l1, l2), l2 > l1
 
 
+def tis_weights(learner_log_probs: Tensor, engine_log_probs: Tensor, cap: float) -> Tensor:
+    """Truncated importance-sampling weights of the sampled tokens: ``w_t = min(exp(learner - engine), cap)``.
+
+    The batch was sampled by the rollout engine (π_engine) but the loss differentiates the learner's π_learner; per
+    token, ``π_learner / π_engine`` re-weights the engine's samples toward the learner's distribution, and the
+    truncation at ``cap`` (C) bounds the variance a token the engine found unlikely would add. No lower bound: a
+    weight near 0 only shrinks that token's term. The result carries no gradient.
+
+    Args:
+        learner_log_probs: [N, T] log π_learner of the sampled tokens on the behaviour side (``old_log_probs``, or
+            the policy's own log-probs, detached, with one optimizer step per batch).
+        engine_log_probs: [N, T] log π_engine, as the rollout engine reported them (``rollout_log_probs``).
+        cap: C >= 1 (verl's default 2.0).
+
+    Returns:
+        [N, T] float, detached, in ``(0, cap]`` where both log-probs are finite (unmasked; 1 where both are 0).
+
+    Raises:
+        ValueError: if the shapes differ or ``cap < 1``.
+
+    Source: Yao et al. 2025 (TIS, token level, truncation C); verl ``compute_rollout_importance_weights``
+    (``rollout_is_level=token``, ``rollout_is_mode=truncate``: ``exp(old_log_prob - rollout_log_prob)`` clamped
+    above at ``rollout_is_threshold``).
+    """
+    _check_same_shape(learner_log_probs=learner_log_probs, engine_log_probs=engine_log_probs)
+    if cap < 1:
+        raise ValueError(f"cap must be >= 1, got {cap}")
+    with torch.no_grad():
+        return torch.exp(learner_log_probs.detach() - engine_log_probs).clamp(max=cap)  # [N, T]; inf -> cap
+
+
 def entropy_from_logits(logits: Tensor) -> Tensor:
     """Entropy of the categorical distribution at every position.
 
@@ -314,7 +353,7 @@ class GRPOLossOutput:
     """
 
     loss: Tensor  # scalar to backprop
-    pg_loss: Tensor  # scalar, token-mean clipped surrogate
+    pg_loss: Tensor  # scalar, token-mean clipped surrogate (weighted by is_weights when given)
     kl: Tensor  # scalar, token-mean of low_var_kl(logp, ref); 0 without a reference policy
     entropy: Tensor  # scalar, token-mean entropy; 0 when no entropy was given
     clip_frac: Tensor  # scalar, fraction of masked tokens where the clip is active
@@ -333,11 +372,16 @@ def grpo_loss(
     entropy_coef: float,
     num_tokens: float | Tensor | None = None,
     kl_clamp: float = 10.0,
+    is_weights: Tensor | None = None,
 ) -> GRPOLossOutput:
     """The GRPO loss of one (micro-)batch.
 
-    ``loss = token_mean(pg) + kl_coef * token_mean(low_var_kl(logp, ref)) - entropy_coef * token_mean(entropy)``,
-    every term with the same ``num_tokens`` (see ``token_mean``).
+    ``loss = token_mean(w * pg) + kl_coef * token_mean(low_var_kl(logp, ref)) - entropy_coef * token_mean(entropy)``,
+    every term with the same ``num_tokens`` (see ``token_mean``), where ``pg`` is the clipped surrogate per token
+    (``policy_loss``) and ``w`` the per-token weight ``is_weights`` (1 when None). With truncated importance sampling
+    ``w_t = min(π_learner(y_t) / π_engine(y_t), C)`` (``tis_weights``): it multiplies the clipped term after the
+    clip, and the KL and entropy terms are not weighted (verl ``compute_policy_loss``: ``pg_losses *
+    rollout_is_weights``; Yao et al. 2025).
 
     Args:
         log_probs: [N, T] log π_θ of the response tokens (with grad).
@@ -352,6 +396,9 @@ def grpo_loss(
             for gradient accumulation.
         kl_clamp: bound on the per-token KL estimate (``low_var_kl``'s ``clamp``; verl and the default use 10), so
             one far-off token cannot dominate the KL term; a clamped token gets no KL gradient.
+        is_weights: [N, T] per-token weights of the policy-gradient term (``tis_weights``), or None (no
+            weighting: the loss is exactly the unweighted one). Used detached; ``clip_frac`` and ``approx_kl`` are
+            not weighted.
 
     Returns:
         ``GRPOLossOutput``.
@@ -370,6 +417,7 @@ def grpo_loss(
         advantages=advantages,
         loss_mask=loss_mask,
         entropy=entropy,
+        is_weights=is_weights,
     )
     if kl_coef != 0 and ref_log_probs is None:
         raise ValueError(f"kl_coef={kl_coef} needs ref_log_probs, got None")
@@ -377,6 +425,8 @@ def grpo_loss(
         raise ValueError(f"entropy_coef={entropy_coef} needs entropy, got None")
 
     pg, clipped = policy_loss(log_probs, old_log_probs, advantages, clip_eps)  # [N, T], [N, T]
+    if is_weights is not None:
+        pg = pg * is_weights.detach()  # [N, T]; after the clip, as verl
     pg_loss = token_mean(pg, loss_mask, num_tokens)
     loss = pg_loss
 

@@ -31,6 +31,7 @@ ROLLOUT_ENGINES = ("hf", "vllm")
 ROLLOUT_MODES = ("async", "turn_sync")  # research_rl.rollout.agent_loop.MODES
 LEARNER_BACKENDS = ("fsdp2", "deepspeed")
 LEARNER_OFFLOAD = ("none", "optimizer", "all")
+ROLLOUT_IS = ("none", "tis")  # algo.rollout_is: no correction, or truncated importance sampling
 RETRIEVER_KINDS = ("bm25", "dense")
 PLACEMENTS = ("colocated", "disaggregated")
 PG_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -261,6 +262,12 @@ class AlgoConfig:
     as the paper does, and the ratio is then 1. With more, each step is clipped against the log-probs recorded
     before the first (docs/learner.md). ``ppo_mini_batch_size`` must divide ``trainer.prompts_per_step`` ×
     ``rollout.group_size`` and be a multiple of ``learner.num_workers``.
+
+    ``rollout_is=tis`` corrects for the rollout engine sampling from slightly different probabilities than the
+    learner computes (vLLM's bf16 kernels against the learner's model): each token's policy-gradient term is
+    multiplied by ``min(π_learner / π_engine, rollout_is_cap)`` (truncated importance sampling, as verl's
+    ``rollout_is``; docs/learner.md#engine-learner-mismatch-truncated-importance-sampling). It needs sampled
+    rollouts (``rollout.temperature > 0``).
     """
 
     clip_eps: float = 0.2  # PPO ε: the ratio π_θ/π_θold is clipped to [1-ε, 1+ε]
@@ -274,6 +281,8 @@ class AlgoConfig:
     # reference: the authors' fork, each micro-batch's own masked mean weighted by its share of the rank's
     # trajectories, averaged over ranks (docs/concepts.md#grpo)
     loss_agg: str = "token_mean"
+    rollout_is: str = "none"  # none | tis: weight each token's policy-gradient term by min(π_learner/π_engine, cap)
+    rollout_is_cap: float = 2.0  # C, the truncation of the TIS weight (verl's rollout_is_threshold default)
 
     def __post_init__(self) -> None:
         _positive("algo.clip_eps", self.clip_eps)
@@ -284,6 +293,9 @@ class AlgoConfig:
         _number("algo.ppo_epochs", self.ppo_epochs, 1)
         _positive("algo.ppo_mini_batch_size", self.ppo_mini_batch_size, allow_zero=True)
         _one_of("algo.loss_agg", self.loss_agg, ("token_mean", "reference"))
+        _one_of("algo.rollout_is", self.rollout_is, ROLLOUT_IS)
+        # a cap below 1 would shrink every token's weight even where engine and learner agree (w = 1)
+        _number("algo.rollout_is_cap", self.rollout_is_cap, 1)
 
 
 @dataclass
@@ -703,6 +715,10 @@ def validate(cfg: Config) -> Config:
     if cfg.sync.transport == "ipc" and cfg.placement.mode == "disaggregated":
         raise ConfigError("sync.transport", "ipc hands the engines a handle to memory on the learner's own device; "
                           "placement.mode=disaggregated puts them on other devices: use collective (or auto)")
+    if cfg.algo.rollout_is != "none" and cfg.rollout.temperature == 0:
+        raise ConfigError("algo.rollout_is", f"{cfg.algo.rollout_is!r} weights sampled tokens by the engine's "
+                          "log-probs, but rollout.temperature=0 is greedy decoding (no log-probs); set "
+                          "rollout.temperature > 0 or algo.rollout_is=none")
     if cfg.validation.every and not cfg.data.val_files:
         raise ConfigError("data.val_files", f"validation.every={cfg.validation.every} validates on data.val_files, "
                           "which is empty; name a question file or set validation.every=0")

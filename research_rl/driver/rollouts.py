@@ -29,11 +29,22 @@ def build_experience(questions: Sequence[Question], trajectories: Sequence[Traje
                      rewards: Sequence[RewardResult], pad_id: int, policy_version: int,
                      temperature: float = 1.0) -> Experience:
     """The step's batch: right-padded prompt + response ``[N, L]`` (``Experience.from_sequences``), ``rewards``
-    ``[N]`` float32 scores, and per row the question id, reward reason, finish reason and number of searches;
-    ``policy_version`` is the learner step whose weights generated the trajectories, sampled at ``temperature``."""
+    ``[N]`` float32 scores, the engine's log-probs of the sampled tokens as ``rollout_log_probs`` ``[N, L-1]``
+    float32 (None when the trajectories carry none: greedy rollouts), and per row the question id, reward reason,
+    finish reason and number of searches; ``policy_version`` is the learner step whose weights generated the
+    trajectories, sampled at ``temperature``.
+
+    Raises:
+        ValueError: some trajectories carry rollout log-probs and others do not (one engine and one sampling
+            setting made them all, so that is a bug, not a batch to train on half-corrected).
+    """
+    have = [t.rollout_log_probs is not None for t in trajectories]
+    if any(have) and not all(have):
+        raise ValueError(f"{have.count(False)} of {len(have)} trajectories carry no rollout log-probs")
     return Experience.from_sequences(
         [t.prompt_ids for t in trajectories], [t.response_ids for t in trajectories],
         [t.loss_mask for t in trajectories], pad_id,
+        response_log_probs=[t.rollout_log_probs for t in trajectories] if all(have) else None,
         rewards=torch.tensor([r.score for r in rewards], dtype=torch.float32),  # [N]
         question_ids=[q.id for q in questions], reward_reasons=[r.reason for r in rewards],
         finish_reasons=[t.finish_reason for t in trajectories], num_searches=[t.num_searches for t in trajectories],

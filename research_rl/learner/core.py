@@ -9,7 +9,13 @@ is colocated, a ``ReferencePolicy`` (``research_rl.learner.reference``, a frozen
 metrics, weight streaming, the HF export) is the same for both.
 
 Batches are ``Experience`` records (``research_rl.algo.experience``: right-padded ``[N, L]`` sequences, the loss
-mask, ``advantages [N]``, ``ref_log_probs [N, L-1]``, optionally ``old_log_probs [N, L-1]``).
+mask, ``advantages [N]``, ``ref_log_probs [N, L-1]``, optionally ``old_log_probs [N, L-1]`` and the engine's
+``rollout_log_probs [N, L-1]``).
+
+With rollout log-probs in the batch, the update logs the engine/learner mismatch (``rollout/is_weight_mean``,
+``rollout/engine_learner_kl``), and with ``algo.rollout_is=tis`` weights each token's policy-gradient term by
+``min(π_learner/π_engine, algo.rollout_is_cap)`` (``grpo.tis_weights``; verl's ``rollout_is``), π_learner being the
+log-probs the PPO ratio is taken against (``old_log_probs``, or the policy's own, detached).
 
 Loss aggregation is the masked token-mean over the whole mini-batch: every micro-batch divides by the global
 number of loss tokens (summed over ranks, divided by the world size because both backends average gradients
@@ -216,18 +222,31 @@ class Learner:
             ref = mb.ref_log_probs.to(self.device)
         # without old_log_probs the policy's own, detached: exact for one optimizer step per batch (module docstring)
         old = mb.old_log_probs.to(self.device) if mb.old_log_probs is not None else log_probs.detach()
+        weights, mismatch = None, {}
+        if mb.rollout_log_probs is not None:  # the engine/learner mismatch: logged always, weighted with tis
+            engine = mb.rollout_log_probs.to(self.device)
+            with torch.no_grad():
+                w = grpo.tis_weights(old, engine, self.algo.rollout_is_cap)  # [n, l-1]
+                # k3 estimate of KL(π_engine || π_learner) on the engine's samples (verl's mismatch_k3_kl), in
+                # float64: at float32 a per-token log-ratio of 1e-6 (CPU numerics) cancels to 0 or below it
+                kl = grpo.low_var_kl(engine.double(), old.double(), clamp=float("inf"))
+                mismatch = {"rollout/is_weight_mean": grpo.token_mean(w.double(), mask, num_tokens),
+                            "rollout/engine_learner_kl": grpo.token_mean(kl, mask, num_tokens)}
+            if self.algo.rollout_is == "tis":
+                weights = w
         out = grpo.grpo_loss(log_probs, old, ref, adv, mask, entropy,
                              clip_eps=self.algo.clip_eps, kl_coef=self.algo.kl_coef,
-                             entropy_coef=self.algo.entropy_coef, num_tokens=num_tokens, kl_clamp=self.algo.kl_clamp)
+                             entropy_coef=self.algo.entropy_coef, num_tokens=num_tokens, kl_clamp=self.algo.kl_clamp,
+                             is_weights=weights)
         terms = {k: getattr(out, k).detach() for k in ("pg_loss", "kl", "entropy", "clip_frac", "approx_kl")}
-        return out.loss, {**terms, "loss": out.loss.detach()}
+        return out.loss, {**terms, "loss": out.loss.detach(), **mismatch}
 
     def _optimizer_step(self, exp: Experience) -> dict[str, float]:
         """One GRPO optimizer step over ``exp`` (micro-batched); this rank's unreduced ``actor/*`` metrics."""
         self.policy.zero_grad()
         sums, num_tokens = self._accumulate(exp, self._grpo_loss, self.algo.loss_agg)
         grad_norm, applied = self.policy.step()
-        metrics = {f"actor/{k}": v for k, v in sums.items()}
+        metrics = {k if "/" in k else f"actor/{k}": v for k, v in sums.items()}  # rollout/* keep their area
         metrics.update({"actor/grad_norm": grad_norm, "actor/lr": self.policy.optimizer.param_groups[0]["lr"],
                         "actor/num_tokens": num_tokens, "actor/skipped_step": float(not applied)})
         return metrics
@@ -259,12 +278,16 @@ class Learner:
         ``entropy``, ``clip_frac``, ``approx_kl``, ``loss`` (token-means over each step's global mini-batch),
         ``grad_norm`` (before clipping), ``lr``, ``num_tokens`` (global loss tokens per step), ``micro_batches``
         (per rank and step), ``skipped_step`` (the fraction of steps a non-finite gradient norm skipped) and
-        ``optimizer_steps``.
+        ``optimizer_steps``. When the batch has ``rollout_log_probs`` (whatever ``algo.rollout_is``), also
+        ``rollout/is_weight_mean`` (token-mean of the truncated weight ``min(π_learner/π_engine, C)``) and
+        ``rollout/engine_learner_kl`` (token-mean k3 estimate of KL(π_engine || π_learner) on the sampled tokens),
+        π_learner being the behaviour-side log-probs the ratio is taken against.
 
         Raises:
             RuntimeError: ``exp`` is None and no shard was kept.
-            ValueError: ``exp`` has no ``advantages``, lacks ``ref_log_probs`` while ``algo.kl_coef > 0``, or does
-                not split into ``algo.ppo_mini_batch_size`` mini-batches.
+            ValueError: ``exp`` has no ``advantages``, lacks ``ref_log_probs`` while ``algo.kl_coef > 0``, lacks
+                ``rollout_log_probs`` while ``algo.rollout_is=tis``, or does not split into
+                ``algo.ppo_mini_batch_size`` mini-batches.
         """
         if exp is None:
             if self._kept is None:
@@ -272,6 +295,9 @@ class Learner:
             exp, self._kept = self._kept, None
         if exp.advantages is None:
             raise ValueError("update() needs the batch's advantages")
+        if self.algo.rollout_is == "tis" and exp.rollout_log_probs is None:
+            raise ValueError("algo.rollout_is=tis needs the batch's rollout_log_probs (the engine's log-probs of the "
+                             "sampled tokens; greedy rollouts have none): set algo.rollout_is=none or sample")
         steps = self._mini_batches(len(exp))
         if len(steps) == 1:  # the paper's one step per batch: π_θold is the policy itself, no extra pass
             metrics = self._optimizer_step(exp)

@@ -117,7 +117,8 @@ def micro_batch(exp: Experience, rows: list[int]) -> Experience:
 
     return mb.replace(input_ids=mb.input_ids[:, :width], attention_mask=mb.attention_mask[:, :width],
                       loss_mask=mb.loss_mask[:, :width], ref_log_probs=trim(mb.ref_log_probs, width - 1),
-                      old_log_probs=trim(mb.old_log_probs, width - 1))
+                      old_log_probs=trim(mb.old_log_probs, width - 1),
+                      rollout_log_probs=trim(mb.rollout_log_probs, width - 1))
 
 
 def token_log_probs(model: torch.nn.Module, mb: Experience, device: torch.device, with_entropy: bool,

@@ -9,6 +9,11 @@ inserted tokens. Generated ids are kept verbatim (token-in/token-out); only inse
 
 Loss mask: 1 on generated tokens (through the first EOS, where generation stops), 0 on inserted results.
 
+Rollout log-probs: each sampled token's log-prob as the engine reports it (``GenerationOutput.log_probs``: under the
+distribution it was drawn from, ``log_softmax`` of ``logits / temperature`` after top-p), 0.0 at inserted result
+tokens; the learner's truncated importance sampling (``algo.rollout_is``) reads them. Greedy requests report none,
+and a trajectory with any generation without log-probs carries ``rollout_log_probs=None``.
+
 Two schedules of the same loop (``rollout.mode``), with identical outputs for the same engine and seeds:
 
 - ``async`` (default): each trajectory is its own coroutine (generate → on ``</search>`` await the retriever →
@@ -70,10 +75,15 @@ def request_seed(seed: int, trajectory: int, position: int) -> int:
 
 @dataclass
 class GenerationOutput:
-    """One engine continuation: the generated ids and why it stopped (``eos`` | ``search`` | ``length``)."""
+    """One engine continuation: the generated ids, why it stopped (``eos`` | ``search`` | ``length``) and, per
+    generated id, its log-prob (natural log, float) under the distribution the engine sampled it from:
+    ``log_softmax(logits / temperature)`` restricted to the top-p nucleus and renormalised over it (with the default
+    ``top_p=1`` exactly the learner's ``log_softmax(logits / temperature)``). ``None`` for greedy requests (no
+    sampling distribution at temperature 0) or an engine that does not report them."""
 
     token_ids: list[int]
     finish: str
+    log_probs: list[float] | None = None
 
 
 class GenerationEngine(Protocol):
@@ -110,6 +120,9 @@ class Trajectory:
     finish_reason: str = ""  # eos | length | max_turns
     failed_searches: int = 0  # searches answered with SEARCH_FAILED_OBSERVATION
     response_text: str = ""  # decoded with special tokens kept, cut after the first EOS (the reward's input)
+    # per response token: the engine's log-prob of a generated token (GenerationOutput.log_probs), 0.0 at inserted
+    # result tokens; None when a generation came without log-probs (greedy) or the trajectory was not rolled out
+    rollout_log_probs: list[float] | None = None
 
     @property
     def num_searches(self) -> int:
@@ -338,7 +351,7 @@ class AgentLoop:
 
     def _new(self, prompts: Sequence[Sequence[int]]) -> list[Trajectory]:
         """Empty trajectories; one whose prompt leaves no budget is finished at once (``length``)."""
-        trajs = [Trajectory(prompt_ids=list(p)) for p in prompts]
+        trajs = [Trajectory(prompt_ids=list(p), rollout_log_probs=[]) for p in prompts]
         for t in trajs:
             if self._budget(t) <= 0:
                 t.finish_reason = "length"
@@ -346,7 +359,18 @@ class AgentLoop:
 
     def _take_generation(self, t: Trajectory, out: GenerationOutput) -> str | None:
         """Append one engine continuation. Returns the query when the trajectory now waits for a result
-        (``""`` for an empty query), ``None`` when it finished or simply continues."""
+        (``""`` for an empty query), ``None`` when it finished or simply continues.
+
+        Raises:
+            ValueError: the engine returned a different number of log-probs than of token ids.
+        """
+        if out.log_probs is None:
+            t.rollout_log_probs = None
+        elif t.rollout_log_probs is not None:
+            if len(out.log_probs) != len(out.token_ids):
+                raise ValueError(f"the engine returned {len(out.log_probs)} log-probs for {len(out.token_ids)} "
+                                 "generated tokens")
+            t.rollout_log_probs.extend(out.log_probs)
         t.response_ids.extend(out.token_ids)
         t.loss_mask.extend([1] * len(out.token_ids))
         if out.finish == "eos":
@@ -376,6 +400,8 @@ class AgentLoop:
         room = self._budget(t) - len(t.response_ids)
         t.response_ids.extend(ids[:room])
         t.loss_mask.extend([0] * min(len(ids), room))
+        if t.rollout_log_probs is not None:
+            t.rollout_log_probs.extend([0.0] * min(len(ids), room))  # inserted, not sampled: off the loss mask
         if len(ids) >= room:
             t.finish_reason = "length"
 

@@ -7,6 +7,14 @@ transformers' default top_k=50 would make the rollout distribution differ from t
 optimises), drawn by ``_SeededSampler`` from one generator per sequence seeded with the request's seed, so a
 sequence's tokens do not depend on the other sequences of its batch (the agent loop's two schedules rely on it).
 
+Each sampled token comes back with its log-prob under the distribution it was drawn from (``GenerationOutput.
+log_probs``): ``log_softmax(logits / temperature)`` over the top-p nucleus, renormalised (vLLM's
+``processed_logprobs``, which the vLLM engine asks for, is the same quantity). With the default ``top_p=1`` that is
+exactly what the learner computes (``log_softmax(logits / temperature)``, ``Experience.temperature``); with
+``top_p < 1`` the learner does not model the nucleus, and the ratio π_learner/π_engine of truncated importance
+sampling (``algo.rollout_is``) then also corrects for the truncation (a nucleus token's engine probability is its
+learner probability divided by the nucleus mass). Greedy requests return no log-probs.
+
 The async interface (``generate_one``) is ``agent_loop.AsyncBatcher`` over ``generate``: it batches whatever
 requests are pending into one ``generate`` call, run in a worker thread.
 """
@@ -24,11 +32,13 @@ from research_rl.rollout.agent_loop import SEARCH_CLOSE, GenerationOutput, Sampl
 class _SeededSampler:
     """Logits processor that samples each row's next token with its own ``torch.Generator`` (temperature, then
     top-p filtered as transformers' ``TopPLogitsWarper`` does) and leaves only that token finite, so the greedy
-    pick of ``generate`` takes it. Inverse-CDF sampling: one uniform draw per row per step."""
+    pick of ``generate`` takes it. Inverse-CDF sampling: one uniform draw per row per step. ``log_probs`` collects,
+    per step, each row's sampled token's log-prob under the filtered distribution (``[B]`` float32 each)."""
 
     def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         self.temperature, self.top_p = temperature, top_p
+        self.log_probs: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         logits = scores.float() / self.temperature  # [B, V]
@@ -40,6 +50,8 @@ class _SeededSampler:
         cdf = logits.softmax(-1).cumsum(-1)  # [B, V]
         u = torch.cat([torch.rand(1, generator=g) for g in self.generators]).to(cdf.device)  # [B]
         picked = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).clamp_(max=cdf.shape[1] - 1)  # [B, 1]
+        # read after the draw, from the same filtered logits: the sampled token is unchanged
+        self.log_probs.append(logits.log_softmax(-1).gather(1, picked).squeeze(1).cpu())  # [B]
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, picked, 0.0)
 
@@ -127,14 +139,18 @@ class HFEngine:
         # greedy decoding always; sampling happens in _SeededSampler, which leaves one finite logit per row
         gen = self._gen_config_cls(do_sample=False, max_new_tokens=max(budgets), pad_token_id=self.pad_id,
                                    eos_token_id=None)
-        processors = [] if sampling.is_greedy else [_SeededSampler(seeds, sampling.temperature, sampling.top_p)]
+        sampler = None if sampling.is_greedy else _SeededSampler(seeds, sampling.temperature, sampling.top_p)
         out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-                                  generation_config=gen, stopping_criteria=[stop], logits_processor=processors)
+                                  generation_config=gen, stopping_criteria=[stop],
+                                  logits_processor=[] if sampler is None else [sampler])
+        # [B, steps]: row i's step-s sampled token's log-prob (rows that stopped keep being scored; cut below)
+        log_probs = torch.stack(sampler.log_probs, dim=1) if sampler is not None and sampler.log_probs else None
         results = []
         for i in range(len(prompts)):
             n = stop.stopped_at[i] if stop.stopped_at[i] is not None else out.shape[1] - width
             n = min(n, budgets[i])
-            results.append(GenerationOutput(out[i, width:width + n].tolist(), stop.finish[i]))
+            lp = None if sampler is None else ([] if log_probs is None else log_probs[i, :n].tolist())
+            results.append(GenerationOutput(out[i, width:width + n].tolist(), stop.finish[i], lp))
         return results
 
     @torch.no_grad()

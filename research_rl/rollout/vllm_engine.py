@@ -135,6 +135,7 @@ class VLLMEngine:
                     max_num_seqs=max_num_seqs, tensor_parallel_size=tensor_parallel_size,
                     gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled,
                     enforce_eager=enforce_eager or self.on_cpu, seed=seed, disable_log_stats=True,
+                    logprobs_mode="processed_logprobs",  # sampled tokens' log-probs after temperature and top-p
                     worker_extension_cls=f"{__name__}.WeightSyncExtension")
         if self.on_cpu:
             # vLLM's CPU worker fails on a seeded request caught in a partial (chunked) prefill ("CPU Generator
@@ -188,7 +189,10 @@ class VLLMEngine:
                       spaces_between_special_tokens=False, detokenize=True)
         if sampling.is_greedy:
             return VSamplingParams(temperature=0.0, **common)
-        return VSamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=-1, seed=seed, **common)
+        # logprobs=0: the sampled token's log-prob alone, under the engine's logprobs_mode="processed_logprobs" (after
+        # temperature and top-p, as the HF engine reports it); asking for it leaves the sampled tokens unchanged
+        return VSamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=-1, seed=seed,
+                               logprobs=0, **common)
 
     async def _generate(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingParams,
                         seed: int) -> GenerationOutput:
@@ -202,13 +206,14 @@ class VLLMEngine:
             final = out
         c = final.outputs[0]
         ids = list(c.token_ids)
+        log_probs = None if c.logprobs is None else [c.logprobs[i][tok].logprob for i, tok in enumerate(ids)]
         if ids and ids[-1] in self.eos_ids:
             finish = "eos"
         elif c.finish_reason == "stop" and c.stop_reason == SEARCH_CLOSE:
             finish = "search"
         else:
             finish = "length"
-        return GenerationOutput(ids, finish)
+        return GenerationOutput(ids, finish, log_probs)
 
     async def generate_one(self, prompt_ids: Sequence[int], max_new_tokens: int,
                            sampling: SamplingParams) -> GenerationOutput:
