@@ -191,3 +191,32 @@ def test_generation_stops_at_every_eos_id(synced, engine, tok):
     finally:
         engine.eos_ids = saved
     assert (out.token_ids, out.finish) == (first.token_ids, "eos")
+
+
+def test_gpu_sync_loads_into_the_live_model_without_the_layerwise_reload(monkeypatch):
+    """Where vLLM does not repack weights after loading (CUDA), ``WeightSyncExtension`` hands each bucket to the
+    model's ``load_weights`` and neither begins nor finishes a layerwise reload: that module (absent from older vLLM
+    releases) is not imported. The platform check is the only thing replaced; the CPU path is the tests above."""
+    import io
+    import sys
+    from types import SimpleNamespace
+
+    from vllm.platforms import current_platform
+
+    from research_rl.rollout.vllm_engine import WeightSyncExtension
+
+    layerwise = "vllm.model_executor.model_loader.reload.layerwise"
+    monkeypatch.delitem(sys.modules, layerwise, raising=False)
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
+    loaded = []
+    worker = WeightSyncExtension()
+    worker.vllm_config = SimpleNamespace()
+    worker.model_runner = SimpleNamespace(model=SimpleNamespace(load_weights=lambda weights: loaded.append(weights)))
+    bucket = {"model.layers.0.self_attn.q_proj.weight": torch.ones(4, 2), "model.norm.weight": torch.ones(2)}
+    buf = io.BytesIO()
+    torch.save(bucket, buf)
+    worker.rl_begin_sync()
+    assert worker.rl_load_bucket(buf.getvalue()) == 10
+    worker.rl_finish_sync()
+    assert [[(n, t.shape) for n, t in w] for w in loaded] == [[(n, t.shape) for n, t in bucket.items()]]
+    assert layerwise not in sys.modules

@@ -5,7 +5,9 @@ The plain cores are ``AgentLoop`` (agent_loop.py) and the engine (``HFEngine`` o
 ``rollout.mode=async`` each trajectory's query as soon as it is produced, in ``turn_sync`` one batched call per
 turn; a query it fails to serve gets the ``search failed`` observation. Weights arrive from the learner as buckets
 in the Ray object store and a probe compares the engine's log-probs with the learner's. A vLLM engine sleeps
-between rollouts (``rollout.vllm_sleep_level``) and wakes for the next sync.
+after each rollout at ``sleep_level`` (``research_rl.config.pools.vllm_sleep_level``: 2 colocated, 0
+disaggregated, unless ``rollout.vllm_sleep_level`` says otherwise); it wakes its weights for the sync and the rest
+for the probe or the next rollout (research_rl/rollout/vllm_engine.py).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def _async_search(retriever: RetrieverClient, top_k: int):
 @ray.remote
 class RolloutWorker:
     def __init__(self, cfg: RolloutConfig, model_path: str, retriever: RetrieverClient, top_k: int,
-                 dtype: str = "bfloat16", max_model_len: int | None = None):
+                 dtype: str = "bfloat16", max_model_len: int | None = None, sleep_level: int = 0):
         set_torch_threads(cfg.torch_threads)
         from transformers import AutoTokenizer
 
@@ -44,7 +46,8 @@ class RolloutWorker:
         if cfg.engine == "vllm":
             from research_rl.rollout.vllm_engine import VLLMEngine
 
-            self.engine = VLLMEngine.from_config(cfg, model_path, self.tokenizer, dtype, max_model_len, eos_ids)
+            self.engine = VLLMEngine.from_config(cfg, model_path, self.tokenizer, dtype, max_model_len, eos_ids,
+                                                 sleep_level=sleep_level)
         else:
             from research_rl.rollout.hf_engine import HFEngine
 
@@ -68,8 +71,8 @@ class RolloutWorker:
         if hasattr(self.engine, "wake_up"):
             self.engine.wake_up()
         trajs: list[Trajectory] = self.loop.run(prompts, sampling)
-        if hasattr(self.engine, "sleep") and self.cfg.vllm_sleep_level:
-            self.engine.sleep(self.cfg.vllm_sleep_level)  # the learner gets the GPU memory back
+        if hasattr(self.engine, "sleep"):
+            self.engine.sleep()  # the learner gets the GPU memory back (a no-op at sleep level 0)
         return trajs
 
     def load_weights(self, bucket_refs: list, policy_version: int) -> dict:
@@ -79,8 +82,6 @@ class RolloutWorker:
         Raises:
             RuntimeError: some parameters were not in any bucket.
         """
-        if hasattr(self.engine, "wake_up"):
-            self.engine.wake_up(["weights"])
         names, nbytes = set(), 0
 
         def fetch():  # one bucket in memory at a time
@@ -91,7 +92,7 @@ class RolloutWorker:
                 names.update(bucket)
                 yield bucket
 
-        self.engine.load_buckets(fetch())
+        self.engine.load_buckets(fetch())  # a sleeping vLLM engine wakes its weights first
         missing = self.engine.parameter_names() - names
         if missing:
             raise RuntimeError(f"weight sync left {len(missing)} parameters stale, e.g. {sorted(missing)[:3]}")

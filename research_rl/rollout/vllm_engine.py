@@ -13,20 +13,40 @@ its decoding steps.
 ``asyncio.run`` calls one after the other (``generate_one`` from any loop), the turn-synchronous ``generate`` and
 the driver's blocking calls (weight sync, log-prob probe, sleep/wake).
 
+vLLM version: ``VLLM_MIN_VERSION`` or newer (the ``vllm`` extra's floor in pyproject.toml, the version
+``make test-vllm`` runs); an older one is refused when the engine is built, naming the floor.
+
+Executor: with ``tensor_parallel_size`` > 1 the engine asks for vLLM's ``mp`` executor (worker processes on the GPUs
+this process was given), as verl's vLLM rollout does. Left to choose inside a Ray placement group (a rollout worker
+is always in one on a GPU cluster), vLLM picks its ``ray`` executor, whose workers ask Ray for GPUs the rollout
+actor already holds and wait forever. With one GPU vLLM's own choice, ``uni`` (the worker runs in the engine-core
+process), needs no Ray resources and is kept.
+
 Weight sync: ``WeightSyncExtension`` is vLLM's ``worker_extension_cls``: ``collective_rpc("rl_load_bucket", ...)``
 runs it in every vLLM worker (every tensor-parallel rank), which hands the bucket (full tensors with the learner's
-Hugging Face names, sent as ``torch.save`` bytes through vLLM's RPC) to the model's own ``load_weights`` (it fuses q/k/v and gate/up and shards for tensor
-parallelism). On CPU and in colocated placement the buckets come from learner rank 0 through the Ray object store
-(``RolloutWorker.load_weights``). After a sync the prefix cache is reset (its KV entries were computed with the old
-weights). The log-prob probe (``log_probs``) asks vLLM for ``prompt_logprobs`` of a fixed sequence.
+Hugging Face names, sent as ``torch.save`` bytes through vLLM's RPC) to the model's own ``load_weights`` (it fuses
+q/k/v and gate/up and shards for tensor parallelism), straight into the live parameters on GPUs, as verl's and
+OpenRLHF's vLLM weight updates do. The CPU backend repacks weights after loading (e.g. linear layers into oneDNN
+handles), so there one sync is one session of vLLM's layerwise reload (``rl_begin_sync`` … ``rl_finish_sync``). The
+buckets come from learner rank 0 through the Ray object store (``RolloutWorker.load_weights``). After a sync the
+prefix cache is reset (its KV entries were computed with the old weights). The log-prob probe (``log_probs``) asks
+vLLM for ``prompt_logprobs`` of a fixed sequence.
 
 Every placement syncs through the Ray object store; there is no NCCL broadcast path (disaggregated GPU placement
 sends the same buckets through the object store).
 
-Colocated placement: between rollouts the engine sleeps (``rollout.vllm_sleep_level``; vLLM sleep mode: level 1
-frees the KV cache and moves weights to CPU memory, level 2 frees both since the next sync rewrites them) so the
-learner has the GPU memory; ``wake_up(["weights"])`` precedes a sync and ``wake_up()`` a rollout. vLLM's CPU backend
-has no sleep mode: on CPU ``sleep`` is a no-op.
+Sleep (``sleep_level``; the config's ``rollout.vllm_sleep_level``, resolved by
+``research_rl.config.pools.vllm_sleep_level``: 2 in colocated placement, 0 in disaggregated): after a rollout the
+engine sleeps so the learner has the GPU memory. vLLM sleep mode tags its memory ``weights`` and ``kv_cache``;
+level 1 discards the KV cache and copies the weights to pinned host memory, level 2 discards both (vLLM keeps a
+CPU copy of the model's buffers, e.g. rotary tables, and restores them when the weights wake:
+``vllm/v1/worker/gpu_worker.py``, ``Worker.sleep`` / ``wake_up``). The next sync overwrites every parameter, so
+level 1's host copy is wasted work and pinned memory; level 2 is the colocated default. The engine tracks which
+tags sleep and wakes only those: a sync wakes ``weights``, the probe and the next rollout wake what still sleeps
+(``kv_cache``); a tag already awake is never woken again (the allocator of older vLLM releases maps every allocation of
+the tags it is given again, awake or not). The same protocol as verl's ``vllm_rollout`` (wake weights, load,
+wake KV cache) and OpenRLHF's ``vllm_engine`` ``wake_up(tags=...)``. vLLM's CPU backend has no sleep mode
+(``current_platform.is_sleep_mode_available()``): there the engine never sleeps.
 """
 
 from __future__ import annotations
@@ -42,18 +62,46 @@ import torch
 
 from research_rl.rollout.agent_loop import SEARCH_CLOSE, GenerationOutput, SamplingParams, request_seed
 
+VLLM_MIN_VERSION = "0.32.0"  # tested floor; pyproject.toml's vllm extra says the same (tests/test_imports.py)
+SLEEP_TAGS = ("weights", "kv_cache")  # vLLM sleep mode's memory tags, in the order a sync then a rollout wakes them
+
+
+def check_vllm_version(version: str) -> None:
+    """Refuse a vLLM older than ``VLLM_MIN_VERSION``. Compares the release numbers only, so a local build
+    (``0.32.0+cpu``) or a pre-release of the floor (``0.32.0rc1``) passes.
+
+    Raises:
+        ImportError: naming the installed version, the floor and the install command.
+    """
+    from packaging.version import Version
+
+    if Version(version).release < Version(VLLM_MIN_VERSION).release:
+        raise ImportError(f"rollout.engine=vllm needs vllm>={VLLM_MIN_VERSION}, but vllm {version} is installed: "
+                          f"pip install -e '.[vllm]' (or pip install 'vllm>={VLLM_MIN_VERSION}')")
+
 
 class WeightSyncExtension:
     """Mixed into each vLLM worker (``worker_extension_cls``); its methods run through ``collective_rpc``.
 
-    A sync is a session: ``rl_begin_sync`` puts the model in vLLM's layerwise reload state (kernel-format
-    tensors set aside; layers take checkpoint-format weights again), each ``load_bucket`` loads Hugging Face-named
-    tensors through the model's ``load_weights`` (a layer is re-processed into kernel format once all its weights
-    arrived, wherever the bucket boundaries fall), ``rl_finish_sync`` processes the rest. vLLM repacks some
-    weights after loading (e.g. linear layers for the CPU kernels), so loading into the live parameters would fail.
+    A sync is ``rl_begin_sync``, one ``rl_load_bucket`` per bucket, ``rl_finish_sync``. Each bucket goes through the
+    model's ``load_weights`` (Hugging Face names; fuses q/k/v and gate/up and takes this rank's tensor-parallel
+    shard, so a layer's weights may arrive in any buckets). On GPUs it loads into the live parameters (verl's
+    ``vllm_rollout``, OpenRLHF's ``WorkerWrap.update_weight``) and begin/finish do nothing: unquantized models only
+    (a quantized rollout model would need its weights processed after loading). Where vLLM repacks weights after
+    loading (the CPU backend: linear layers into oneDNN handles), loading into the live parameters would fail, so
+    begin/finish wrap the sync in vLLM's layerwise reload (kernel-format tensors set aside; a layer is processed
+    into kernel format again once all its weights arrived); that module is imported only there.
     """
 
+    @staticmethod
+    def _repacks_weights() -> bool:
+        from vllm.platforms import current_platform
+
+        return current_platform.is_cpu()
+
     def rl_begin_sync(self) -> None:
+        if not self._repacks_weights():
+            return
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
 
@@ -72,20 +120,20 @@ class WeightSyncExtension:
         return sum(t.numel() for t in bucket.values())
 
     def rl_finish_sync(self) -> None:
+        if not self._repacks_weights():
+            return
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
         from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
-        from vllm.platforms import current_platform
 
         model = self.model_runner.model
         with set_current_vllm_config(self.vllm_config):
             finalize_layerwise_reload(model, self.vllm_config.model_config)
-            if current_platform.is_cpu():
-                # The CPU backend's (tied) LM head multiplies with a oneDNN handle packed from the embedding at load
-                # time; the reload updates the embedding in place but not the handle: pack it again.
-                for module in model.modules():
-                    if isinstance(module, VocabParallelEmbedding) and hasattr(module, "cpu_linear"):
-                        module.quant_method.process_weights_after_loading(module)
+            # The CPU backend's (tied) LM head multiplies with a oneDNN handle packed from the embedding at load
+            # time; the reload updates the embedding in place but not the handle: pack it again.
+            for module in model.modules():
+                if isinstance(module, VocabParallelEmbedding) and hasattr(module, "cpu_linear"):
+                    module.quant_method.process_weights_after_loading(module)
 
 
 class VLLMEngine:
@@ -97,26 +145,33 @@ class VLLMEngine:
         dtype: ``float32`` | ``bfloat16`` | ``float16`` (``model.dtype``; float32 on CPU).
         max_model_len: tokens per sequence (prompt + response).
         max_num_seqs: sequences per decoding step (``rollout.max_batch_size``).
-        tensor_parallel_size: GPUs per engine.
+        tensor_parallel_size: GPUs per engine; > 1 runs vLLM's ``mp`` executor (module docstring).
         gpu_memory_utilization: fraction of each GPU's memory for weights + KV cache.
-        enable_sleep_mode: allow ``sleep``/``wake_up`` (GPU only).
+        sleep_level: what ``sleep()`` frees after a rollout: 0 nothing, 1 KV cache (weights to host memory), 2 both
+            (module docstring). Ignored, and sleep mode off, where vLLM has none (its CPU backend).
         enforce_eager: no CUDA graphs.
         seed: engine seed (requests carry their own).
         cpu_kv_cache_gb: KV cache on the CPU backend, GiB.
         eos_ids: the ids that end a response (``research_rl.rollout.eos.eos_token_ids``).
     Raises:
-        ImportError: vllm is not installed (``pip install -e '.[vllm]'`` on GPU machines).
+        ImportError: vllm is not installed (``pip install -e '.[vllm]'`` on GPU machines), or is older than
+            ``VLLM_MIN_VERSION``.
+        ValueError: ``sleep_level`` is not 0, 1 or 2.
     """
 
     def __init__(self, model_path: str, tokenizer, dtype: str = "bfloat16", max_model_len: int = 8704,
                  max_num_seqs: int = 256, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
-                 enable_sleep_mode: bool = False, enforce_eager: bool = False, seed: int = 0,
+                 sleep_level: int = 0, enforce_eager: bool = False, seed: int = 0,
                  cpu_kv_cache_gb: int = 1, eos_ids: Sequence[int] | None = None):
         try:
-            import vllm  # noqa: F401  (fail here, with the install hint, rather than in the event-loop thread)
+            import vllm  # (fail here, with the install hint, rather than in the event-loop thread)
         except ImportError as e:
             raise ImportError("rollout.engine=vllm needs vllm: pip install -e '.[vllm]' on a GPU machine (CPU "
                               "contract tests: make test-vllm)") from e
+        check_vllm_version(vllm.__version__)
+        if sleep_level not in (0, 1, 2):
+            raise ValueError(f"sleep_level must be 0, 1 or 2, got {sleep_level}")
+        from vllm.platforms import current_platform
 
         self.tokenizer = tokenizer
         self.eos_ids = list(eos_ids) if eos_ids else [tokenizer.eos_token_id]
@@ -125,33 +180,37 @@ class VLLMEngine:
         if self.on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gb))
             dtype = "float32"
-        self.sleep_enabled = enable_sleep_mode and not self.on_cpu
-        self.sleeping = 0  # the level the engine sleeps at; 0 = awake
+        self.sleep_level = sleep_level if current_platform.is_sleep_mode_available() else 0
+        self.asleep: set[str] = set()  # the SLEEP_TAGS whose memory vLLM has released
         self._ids = itertools.count()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine", daemon=True)
         self._thread.start()
         args = dict(model=model_path, tokenizer=model_path, dtype=dtype, max_model_len=max_model_len,
                     max_num_seqs=max_num_seqs, tensor_parallel_size=tensor_parallel_size,
-                    gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled,
+                    gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_level > 0,
                     enforce_eager=enforce_eager or self.on_cpu, seed=seed, disable_log_stats=True,
                     worker_extension_cls=f"{__name__}.WeightSyncExtension")
+        if tensor_parallel_size > 1:
+            args["distributed_executor_backend"] = "mp"  # not "ray" inside the rollout actor (module docstring)
         if self.on_cpu:
             # vLLM's CPU worker fails on a seeded request caught in a partial (chunked) prefill ("CPU Generator
             # does not use offset"): prefill every prompt whole
             args.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
+        self.engine_args = args
         self.llm = self._call(self._start(args))
         self._names = self._parameter_names(model_path)
 
     @classmethod
     def from_config(cls, cfg, model_path: str, tokenizer, dtype: str, max_model_len: int,
-                    eos_ids: Sequence[int] | None = None) -> "VLLMEngine":
-        """From ``RolloutConfig`` (``rollout.vllm_*``, ``max_batch_size``), ``model.dtype``, the sequence limit and
-        the EOS ids."""
+                    eos_ids: Sequence[int] | None = None, sleep_level: int = 0) -> "VLLMEngine":
+        """From ``RolloutConfig`` (``rollout.vllm_*``, ``max_batch_size``), ``model.dtype``, the sequence limit, the
+        EOS ids and the sleep level (``research_rl.config.pools.vllm_sleep_level``: the config's
+        ``rollout.vllm_sleep_level`` may be null, meaning the placement decides)."""
         return cls(model_path, tokenizer, dtype=dtype, max_model_len=max_model_len, max_num_seqs=cfg.max_batch_size,
-                   eos_ids=eos_ids,
+                   eos_ids=eos_ids, sleep_level=sleep_level,
                    tensor_parallel_size=cfg.vllm_tensor_parallel_size,
-                   gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=cfg.vllm_sleep_level > 0,
+                   gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                    enforce_eager=cfg.vllm_enforce_eager, cpu_kv_cache_gb=cfg.vllm_cpu_kv_cache_gb)
 
     async def _start(self, args: dict):
@@ -232,13 +291,15 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ weights, probe, sleep
     def load_buckets(self, buckets: Iterable[Mapping[str, torch.Tensor]]) -> int:
-        """One weight sync: every bucket of full tensors (Hugging Face names) into every worker, as one vLLM
-        reload session (``WeightSyncExtension``); buckets are consumed one at a time. Returns the elements loaded.
+        """One weight sync: every bucket of full tensors (Hugging Face names) into every worker
+        (``WeightSyncExtension``), after waking the weights if they sleep (the KV cache stays asleep until the probe
+        or the next rollout); buckets are consumed one at a time. Returns the elements loaded.
 
         Raises:
-            KeyError: a name the rollout model does not have (the session is still closed).
+            KeyError: a name the rollout model does not have (the sync session is still closed).
         """
         n = 0
+        self.wake_up(["weights"])
         self._call(self.llm.collective_rpc("rl_begin_sync"))
         try:
             for bucket in buckets:
@@ -276,22 +337,32 @@ class VLLMEngine:
                 final = out
             return final.prompt_logprobs
 
-        self.wake_up()  # the probe runs right after a sync, when only the weights are awake
+        self.wake_up()  # the probe runs right after a sync, when the KV cache may still sleep
         plp = self._call(run())
         return torch.tensor([plp[i][tok].logprob for i, tok in enumerate(sequence) if i > 0], dtype=torch.float32)
 
-    def sleep(self, level: int = 1) -> None:
-        """Free GPU memory between rollouts (module docstring); a no-op on CPU or without sleep mode."""
-        if self.sleep_enabled and not self.sleeping:
-            self._call(self.llm.sleep(level))
-            self.sleeping = level
+    def sleep(self) -> None:
+        """After a rollout: release GPU memory at ``sleep_level`` (module docstring): every tag sleeps. A no-op at
+        level 0, where vLLM has no sleep mode, or while any tag still sleeps."""
+        if self.sleep_level and not self.asleep:
+            self._call(self.llm.sleep(self.sleep_level))
+            self.asleep = set(SLEEP_TAGS)
 
-    def wake_up(self, tags: list[str] | None = None) -> None:
-        """Bring back ``tags`` (``["weights"]``, ``["kv_cache"]``; ``None`` = everything)."""
-        if self.sleeping:
-            self._call(self.llm.wake_up(tags))
-            if tags is None or "kv_cache" in tags:
-                self.sleeping = 0
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Bring back the memory of ``tags`` (of ``SLEEP_TAGS``; ``None`` = all) that sleeps; vLLM is asked for
+        exactly the tags that sleep, never for one already awake, and not at all when none does.
+
+        Raises:
+            ValueError: a tag that is not one of ``SLEEP_TAGS``.
+        """
+        wanted = SLEEP_TAGS if tags is None else tuple(tags)
+        unknown = set(wanted) - set(SLEEP_TAGS)
+        if unknown:
+            raise ValueError(f"unknown vLLM sleep tag {sorted(unknown)[0]!r}; expected one of {SLEEP_TAGS}")
+        waking = [t for t in SLEEP_TAGS if t in wanted and t in self.asleep]
+        if waking:
+            self._call(self.llm.wake_up(waking))
+            self.asleep.difference_update(waking)
 
     def shutdown(self) -> None:
         """Stop the engine (its core process) and the event-loop thread."""
