@@ -53,6 +53,12 @@ def test_two_grpo_steps_checkpoint_and_resume(debug_model_dir, bm25_index, tmp_p
         assert key in steps[-1], key
     assert all(r["retriever/errors"] == 0 for r in steps)
     assert steps[-1]["sync/probe_max_diff"] < 1e-3
+    # colocated on one host: the ipc transport (shared memory standing in for CUDA IPC), fp32 on CPU
+    assert json.loads((run / "placement.json").read_text())["sync"] == {"transport": "ipc", "dtype": "float32"}
+    from transformers import AutoModelForCausalLM
+
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(debug_model_dir).parameters())
+    assert all(r["sync/bytes"] == 4 * params and r["sync/probe_mean_diff"] < 1e-4 for r in steps)
     assert any("val/em" in r for r in rows)
 
     dumped = [json.loads(line) for run_step in (1, 2)

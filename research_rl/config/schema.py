@@ -217,6 +217,8 @@ class RolloutConfig:
     # <|im_end|> and <|endoftext|>), or the tokenizer's eos_token alone (research_rl/rollout/eos.py)
     eos_ids_from: str = "generation_config"
     batch_wait_ms: float = 0.0  # hf + async: how long a request may wait for others to join its generate call
+    # the HF engine's weight dtype (and so the weight sync's wire dtype): None = model.dtype on GPU, float32 on CPU
+    hf_dtype: Optional[str] = None
     vllm_tensor_parallel_size: int = 1  # GPUs per vLLM engine
     vllm_gpu_memory_utilization: float = 0.5  # fraction of each GPU's memory vLLM takes (weights + KV cache)
     vllm_max_model_len: Optional[int] = None  # tokens per sequence; None = data.max_prompt_len + max_response_len
@@ -241,6 +243,8 @@ class RolloutConfig:
             _positive("rollout.max_turns", self.max_turns)
         _positive("rollout.max_batch_size", self.max_batch_size)
         _positive("rollout.batch_wait_ms", self.batch_wait_ms, allow_zero=True)
+        if self.hf_dtype is not None:
+            _one_of("rollout.hf_dtype", self.hf_dtype, ("float32", "bfloat16", "float16"))
         _positive("rollout.torch_threads", self.torch_threads, allow_zero=True)
         _positive("rollout.vllm_tensor_parallel_size", self.vllm_tensor_parallel_size)
         _number("rollout.vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, 0, 1, low_open=True)
@@ -429,7 +433,9 @@ class TrainerConfig:
     seed: int = 42
     rollouts_to_log: int = -1  # trajectories dumped per step (-1: all)
     weight_sync: bool = True  # debug only: False syncs once at start, so rollouts stay on the initial policy
-    probe_tolerance: float = 1e-3  # max |log-prob difference| between learner and rollout engine after a sync
+    # after each sync: the largest mean |log-prob difference| (nats per token of the probe sequence) allowed between
+    # the learner and any rollout engine; bf16 engines differ from a bf16 learner by ~0.01-0.03 (docs/rollout.md)
+    probe_tolerance: float = 0.05
     logger: str = "tensorboard"  # tensorboard | wandb (needs the extra: pip install -e '.[wandb]')
     wandb_project: str = "research-rl"
 
@@ -446,6 +452,26 @@ class TrainerConfig:
         _seed("trainer.seed", self.seed)
         _number("trainer.rollouts_to_log", self.rollouts_to_log, -1)
         _positive("trainer.probe_tolerance", self.probe_tolerance, allow_zero=True)
+
+
+SYNC_TRANSPORTS = ("auto", "ipc", "collective", "object_store")  # research_rl.driver.weight_sync.TRANSPORTS
+
+
+@dataclass
+class SyncConfig:
+    """Learner → rollout engine weight sync (``research_rl/driver/weight_sync.py``; docs/rollout.md).
+
+    ``ipc``: learner ranks hand the engines on their device a handle to a bucket on that device (CUDA IPC; shared
+    memory on CPU); ``collective``: learner rank 0 broadcasts buckets to every engine worker (NCCL; gloo on CPU);
+    ``object_store``: buckets through the Ray object store. ``auto``: ipc when colocated and every engine shares a
+    device with a learner rank, collective when disaggregated, else object_store. Buckets are
+    ``learner.weight_sync_bucket_mb`` MiB in the engines' dtype.
+    """
+
+    transport: str = "auto"
+
+    def __post_init__(self) -> None:
+        _one_of("sync.transport", self.transport, SYNC_TRANSPORTS)
 
 
 @dataclass
@@ -606,6 +632,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -675,6 +702,9 @@ def validate(cfg: Config) -> Config:
     if cfg.reference.placement == "separate" and trajectories % cfg.reference.num_workers:
         raise ConfigError("reference.num_workers", f"{trajectories} trajectories per step do not split evenly over "
                           f"{cfg.reference.num_workers} reference ranks")
+    if cfg.sync.transport == "ipc" and cfg.placement.mode == "disaggregated":
+        raise ConfigError("sync.transport", "ipc hands the engines a handle to memory on the learner's own device; "
+                          "placement.mode=disaggregated puts them on other devices: use collective (or auto)")
     if cfg.validation.every and not cfg.data.val_files:
         raise ConfigError("data.val_files", f"validation.every={cfg.validation.every} validates on data.val_files, "
                           "which is empty; name a question file or set validation.every=0")

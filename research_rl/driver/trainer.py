@@ -12,7 +12,8 @@ Each step is a sequence of named, timed phases, each a call on a role::
 reference: the batch crosses to the learners once per step), or on the separate reference ranks, whose log-probs
 join the batch before it is sharded to the learners (the old policy's log-probs are the learner's own, detached:
 one optimizer step per batch); ``update``: one optimizer step; ``sync``: learner weights → rollout engines in
-buckets, then a log-prob probe that fails the run if the engines drifted from the learner. A failure in any phase
+buckets by ``sync.transport`` (``research_rl.driver.weight_sync``), then a log-prob probe that fails the run if an
+engine is not running the learner's weights. A failure in any phase
 (validation and checkpoint included) stops the run with ``TrainingError: step N, phase P: ...``.
 
 Validation (every ``validation.every`` steps, greedy, on a fixed sample of ``validation.num_questions``) is scored by
@@ -48,6 +49,7 @@ from research_rl.driver.rollouts import (build_experience, retriever_stats, roll
                                         validation_metrics, write_rows)
 from research_rl.driver.state import RunState, capture_rng, restore_rng
 from research_rl.driver.warmup import warm_up
+from research_rl.driver.weight_sync import WeightSync
 from research_rl.rollout.agent_loop import SamplingParams, Trajectory
 
 PROBE_SUFFIX = " <think> probe </think> <answer> \\boxed{probe} </answer>"  # after the first training prompt
@@ -113,6 +115,7 @@ class GRPOTrainer:
         self.rollout = None  # WorkerGroup of RolloutWorker
         self.learners = None  # WorkerGroup of LearnerWorker
         self.references = None  # WorkerGroup of ReferenceWorker (reference.placement=separate)
+        self.weight_sync = None  # research_rl.driver.weight_sync.WeightSync between learners and rollout
 
     # ================================================================= setup
     def setup(self) -> None:
@@ -221,7 +224,10 @@ class GRPOTrainer:
         self.rollout.call("ready")
         groups = (self.learners, self.rollout, self.references, self.retrievers)
         where = {g.role: g.call("where") for g in groups if g}
-        print(write_report(self.run_dir / "placement.json", cfg, where))
+        self.weight_sync = WeightSync(self.learners, self.rollout, cfg.sync.transport, cfg.placement.mode,
+                                      cfg.learner.weight_sync_bucket_mb)
+        route = {"transport": self.weight_sync.route.transport, "dtype": self.weight_sync.route.dtype}
+        print(write_report(self.run_dir / "placement.json", cfg, where, route))
 
     def load_policies(self, path: Path) -> None:
         """The initial policy (``path``: ``model.path`` or the warm-up's model) on the learner ranks, and as the
@@ -413,28 +419,44 @@ class GRPOTrainer:
         return self.learners.scatter("update", exp.shard(len(self.learners)))[0]
 
     def sync(self, initial: bool = False) -> dict[str, float]:
-        """Learner → rollout weights through the object store, then the log-prob probe; the engines then hold
-        policy version ``state.step``. ``trainer.weight_sync=false`` (debug) skips every sync after the initial
-        one, so rollouts stay on the initial policy.
+        """Learner → rollout weights (``research_rl.driver.weight_sync``, ``sync.transport``), then the log-prob
+        probe; the engines then hold policy version ``state.step``. ``trainer.weight_sync=false`` (debug) skips every
+        sync after the initial one, so rollouts stay on the initial policy.
 
         Raises:
-            RuntimeError: an engine's probe log-probs differ from the learner's by more than
-                ``trainer.probe_tolerance``.
+            RuntimeError: an engine's probe log-probs differ from the learner's (``probe``).
         """
         if not self.cfg.trainer.weight_sync and not initial:
             return {}
-        refs = self.learners.first("weight_buckets", self.cfg.learner.weight_sync_bucket_mb)
-        stats = self.rollout.call("load_weights", refs, self.state.step)
-        learner_lp = self.learners.first("probe_log_probs", self.probe_sequence)
-        engine_lps = self.rollout.call("probe_log_probs", self.probe_sequence)
-        worst = max([0.0, *(float((lp - learner_lp).abs().max()) for lp in engine_lps)])
-        tolerance = self.cfg.trainer.probe_tolerance
-        if worst > tolerance:
-            raise RuntimeError(f"rollout engine log-probs differ from the learner's by {worst:.3g} (> "
-                               f"trainer.probe_tolerance={tolerance}); the engine is not running the weights being "
-                               "trained")
+        metrics = self.weight_sync.sync(self.state.step)
+        metrics.update(self.probe())
         self.state.policy_version = self.state.step
-        return {"sync/bytes": float(stats[0]["bytes"]), "sync/buckets": float(len(refs)), "sync/probe_max_diff": worst}
+        return metrics
+
+    def probe(self) -> dict[str, float]:
+        """Log-probs of a fixed probe sequence on the learner and on every engine at once, compared per engine by
+        the mean |difference| over its tokens (nats per token): bf16 kernels differ token by token (vLLM's from HF's
+        by ~0.01-0.03 on average), so a maximum would fail a correct sync, while a stale or wrong engine differs
+        on average. Returns ``sync/probe_mean_diff`` and ``sync/probe_max_diff`` (the worst engine's).
+
+        Raises:
+            RuntimeError: an engine's mean difference exceeds ``trainer.probe_tolerance``, naming the engine and the
+                policy version it should hold.
+        """
+        learner_refs = self.learners.submit("probe_log_probs", self.probe_sequence)
+        engine_lps = self.rollout.call("probe_log_probs", self.probe_sequence)
+        learner_lp = self.learners.wait("probe_log_probs", learner_refs)[0]
+        diffs = [(lp - learner_lp).abs() for lp in engine_lps]
+        means, maxes = [float(d.mean()) for d in diffs], [float(d.max()) for d in diffs]
+        tolerance = self.cfg.trainer.probe_tolerance
+        for rank, mean in enumerate(means):
+            if mean > tolerance:
+                raise RuntimeError(
+                    f"after the weight sync to policy version {self.state.step}, rollout engine {rank}'s log-probs "
+                    f"differ from the learner's by {mean:.3g} nats per token on average (max {maxes[rank]:.3g}; "
+                    f"trainer.probe_tolerance={tolerance}): the engine is not running the weights being trained "
+                    f"(sync.transport={self.weight_sync.route.transport})")
+        return {"sync/probe_mean_diff": max(means, default=0.0), "sync/probe_max_diff": max(maxes, default=0.0)}
 
     def validate(self) -> dict[str, float]:
         """Greedy rollouts on the fixed validation sample, one per question, scored as the evaluator scores

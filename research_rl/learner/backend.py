@@ -52,10 +52,15 @@ class Backend(Protocol):
     def in_use(self) -> ContextManager[None]:
         """Around a frozen model's pass: bring offloaded parameters in where the library does not do it itself."""
 
-    def full_tensors(self, skip: set[str]) -> Iterator[tuple[str, torch.Tensor | None]]:
+    def full_tensors(self, skip: set[str], every_rank: bool = False,
+                     on_device: bool = False) -> Iterator[tuple[str, torch.Tensor | None]]:
         """Every parameter and persistent buffer but those named in ``skip``, unsharded, one gather at a time:
-        ``(name, CPU tensor)`` on rank 0, ``(name, None)`` on other ranks. Every rank must exhaust it
-        (collectives)."""
+        ``(name, tensor)`` on rank 0 (on every rank with ``every_rank``), ``(name, None)`` on the others. The tensor
+        is a CPU copy, or with ``on_device`` the gathered tensor on the rank's device (no host copy; valid until the
+        next item). Every rank must exhaust it (collectives)."""
+
+    def tensor_shapes(self, skip: set[str]) -> list[tuple[str, tuple[int, ...]]]:
+        """``(name, global shape)`` of what ``full_tensors`` streams, in its order, without gathering anything."""
 
     def info(self) -> dict:
         """``{"backend": name, "world_size": ..., ...}``: what a checkpoint records to check a resume."""

@@ -58,7 +58,7 @@ class Learner:
         algo: GRPO coefficients and the optimizer steps per batch (``ppo_epochs``, ``ppo_mini_batch_size``).
         rank, world_size: position in the process group.
         device: ``"cpu"`` or ``"cuda"``.
-        param_dtype: compute dtype on GPU (CPU always runs float32).
+        param_dtype: compute dtype (FSDP2 mixed precision when not float32; the roles pass float32 on CPU).
         gradient_checkpointing: recompute activations in backward (HF ``gradient_checkpointing_enable``).
 
     Raises:
@@ -79,6 +79,7 @@ class Learner:
         self.generation_config = None
         self._aliases: set[str] = set()  # tied parameter names streamed once (lm_head.weight when tied)
         self._kept: Experience | None = None  # the shard compute_ref_log_probs(keep=True) holds for update()
+        self._sender = None  # research_rl.sync.sender.WeightSender, created by the first sync
 
     # ================================================================ setup
     def init_process_group(self, master_addr: str, master_port: int) -> None:
@@ -316,6 +317,27 @@ class Learner:
         tensor is gathered collectively."""
         yield from cut_buckets(self.policy.full_tensors(skip=self._aliases), bucket_mb)
 
+    def weight_stream(self, every_rank: bool = False, on_device: bool = False):
+        """The policy's full tensors one gather at a time (``Backend.full_tensors``; tied aliases once), for the
+        weight-sync transports (``research_rl.sync.sender``). Every rank must exhaust it."""
+        return self.policy.full_tensors(self._aliases, every_rank=every_rank, on_device=on_device)
+
+    def sync_plan(self, dtype: str, bucket_mb: float) -> list:
+        """The layout of a weight sync (``research_rl.sync.buckets.plan_buckets``): every tensor ``weight_stream``
+        yields, in its order, as ``dtype`` (the engine's), cut into ``bucket_mb``-MiB buckets. No gather."""
+        from research_rl.sync.buckets import plan_buckets
+
+        return plan_buckets(self.policy.tensor_shapes(self._aliases), dtype, bucket_mb)
+
+    @property
+    def sender(self):
+        """This rank's ``research_rl.sync.sender.WeightSender`` (created on first use)."""
+        if self._sender is None:
+            from research_rl.sync.sender import WeightSender
+
+            self._sender = WeightSender(self.weight_stream, self.device, self.rank)
+        return self._sender
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full policy weights on CPU in one dict (rank 0; empty on other ranks). Every rank must call it."""
         return {k: v for bucket in self.weight_buckets(bucket_mb=2**30) for k, v in bucket.items()}
@@ -379,6 +401,8 @@ class Learner:
         self.policy.load(path, info)
 
     def shutdown(self) -> None:
+        if self._sender is not None:
+            self._sender.close()
         group.leave()
 
 

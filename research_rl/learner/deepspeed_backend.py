@@ -164,22 +164,38 @@ class DeepSpeedBackend:
             if move:
                 self.module.to("cpu")
 
-    def full_tensors(self, skip: set[str]) -> Iterator[tuple[str, torch.Tensor | None]]:
+    def _named_tensors(self, skip: set[str]):
+        """``(module, [(name, parameter)])`` per module (a tied parameter once, under its first name), then the
+        persistent buffers, in the order ``full_tensors`` streams them."""
         module = getattr(self.module, "module", self.module)
-        seen: set[int] = set()  # a tied parameter is gathered once, under its first name
+        seen: set[int] = set()
         for prefix, m in module.named_modules():
-            own = [(n, p) for n, p in m.named_parameters(recurse=False)
+            own = [(f"{prefix}.{n}" if prefix else n, p) for n, p in m.named_parameters(recurse=False)
                    if id(p) not in seen and (f"{prefix}.{n}" if prefix else n) not in skip]
-            if not own:
+            if own:
+                seen.update(id(p) for _, p in own)
+                yield "params", own
+        yield "buffers", [(n, b) for n, b in persistent_buffers(module) if n not in skip]
+
+    def full_tensors(self, skip: set[str], every_rank: bool = False,
+                     on_device: bool = False) -> Iterator[tuple[str, torch.Tensor | None]]:
+        def out(t: torch.Tensor) -> torch.Tensor | None:
+            if not (every_rank or self.rank == 0):
+                return None
+            return t.detach().clone() if on_device else t.detach().to("cpu", copy=True)
+
+        for kind, named in self._named_tensors(skip):
+            if kind == "buffers":
+                for name, b in named:
+                    yield name, out(b)
                 continue
-            seen.update(id(p) for _, p in own)
-            with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=None):
-                for n, p in own:
-                    name = f"{prefix}.{n}" if prefix else n
-                    yield name, (p.detach().to("cpu", copy=True) if self.rank == 0 else None)
-        for name, b in persistent_buffers(module):
-            if name not in skip:
-                yield name, (b.detach().to("cpu", copy=True) if self.rank == 0 else None)
+            with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+                for name, p in named:
+                    yield name, out(p)
+
+    def tensor_shapes(self, skip: set[str]) -> list[tuple[str, tuple[int, ...]]]:
+        return [(name, tuple(getattr(t, "ds_shape", t.shape))) for _, named in self._named_tensors(skip)
+                for name, t in named]
 
     def info(self) -> dict:
         return {"backend": self.name, "world_size": self.world_size, "zero_stage": self.cfg.zero_stage}

@@ -1,8 +1,9 @@
 """The FSDP2 backend (``learner.backend=fsdp2``): one model under ``fully_shard`` per decoder layer and the root, over
 a 1-D device mesh of the process group.
 
-On GPU with a half-precision ``model.dtype``, parameters stay fp32 and shards compute in that dtype with fp32
-gradient reduction (``MixedPrecisionPolicy``); ``CPUOffloadPolicy`` keeps parameters (and, when trainable,
+With a half-precision ``param_dtype`` (``model.dtype`` on GPU; the roles pass float32 on CPU), parameters stay fp32
+and shards compute in that dtype with fp32 gradient reduction (``MixedPrecisionPolicy``; the same on CPU, where a
+test asks for it); ``CPUOffloadPolicy`` keeps parameters (and, when trainable,
 gradients and optimizer state) on CPU. Full weights come from the sharded ``get_model_state_dict``, one
 ``DTensor.full_tensor()`` at a time; the sharded checkpoint is ``torch.distributed.checkpoint`` (DCP) of the model
 and optimizer state dicts, which reloads at any world size.
@@ -36,7 +37,7 @@ class FSDP2Backend:
         model: the HF model, float32 on CPU; sharded in place and moved to ``device`` (unless offloaded).
         cfg: ``learner.*`` (lr, betas, weight_decay, grad_clip, cpu_offload).
         rank, world_size: position in the process group (joined already).
-        device: ``cpu`` or ``cuda``. param_dtype: compute dtype on GPU.
+        device: ``cpu`` or ``cuda``. param_dtype: compute dtype (mixed precision when not float32).
         trainable: build a torch AdamW over the shards; offload follows ``cfg.cpu_offload``.
         offload: a frozen model's parameters stay on CPU between passes (ignored when ``trainable``).
         from_rank0: ``model`` is on the meta device on ranks > 0 and real on rank 0, whose weights every rank
@@ -54,7 +55,7 @@ class FSDP2Backend:
         self.mesh = init_device_mesh(device.type, (world_size,))
         offload = cfg.cpu_offload if trainable else offload
         kwargs = {"mesh": self.mesh}
-        if device.type == "cuda" and param_dtype != torch.float32:
+        if param_dtype != torch.float32:  # the roles pass float32 on CPU (CPU debug runs train in float32)
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         if offload:
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
@@ -112,7 +113,8 @@ class FSDP2Backend:
     def in_use(self):
         yield  # CPUOffloadPolicy brings offloaded shards to the device per layer itself
 
-    def full_tensors(self, skip: set[str]) -> Iterator[tuple[str, torch.Tensor | None]]:
+    def full_tensors(self, skip: set[str], every_rank: bool = False,
+                     on_device: bool = False) -> Iterator[tuple[str, torch.Tensor | None]]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
         from torch.distributed.tensor import DTensor
 
@@ -123,7 +125,15 @@ class FSDP2Backend:
                 if t.device.type != self.mesh.device_type:  # an offloaded shard: gather on the mesh's device
                     t = t.to(self.mesh.device_type)
                 t = t.full_tensor()
-            yield name, (t.detach().cpu() if self.rank == 0 else None)
+            if not (every_rank or self.rank == 0):
+                yield name, None
+            else:
+                yield name, t.detach() if on_device else t.detach().cpu()
+
+    def tensor_shapes(self, skip: set[str]) -> list[tuple[str, tuple[int, ...]]]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return [(name, tuple(t.shape)) for name, t in get_model_state_dict(self.module).items() if name not in skip]
 
     def info(self) -> dict:
         return {"backend": self.name, "world_size": self.world_size}

@@ -28,7 +28,7 @@ class ReferencePolicy:
         cfg: ``learner.*`` (backend, zero_stage, micro-batching).
         rank, world_size: position in the group.
         device: ``"cpu"`` or ``"cuda"``.
-        param_dtype: compute dtype on GPU (CPU always runs float32).
+        param_dtype: compute dtype (FSDP2 mixed precision when not float32; the roles pass float32 on CPU).
 
     Raises:
         ValueError, ImportError: as ``backend_class(cfg.backend)``.

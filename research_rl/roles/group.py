@@ -69,11 +69,11 @@ class WorkerGroup:
 
     # ------------------------------------------------------------------ calls
     def _gather(self, method: str, refs: Sequence[Any], timeout: float | None = None) -> list:
-        """Every rank's result in rank order, waiting at most ``timeout`` seconds in all; the first rank to fail
-        raises ``WorkerError``."""
-        rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        """Every rank's result in rank order (``None`` for a rank whose ref is ``None``: not called), waiting at most
+        ``timeout`` seconds in all; the first rank to fail raises ``WorkerError``."""
+        rank_of = {ref: rank for rank, ref in enumerate(refs) if ref is not None}
         results: dict[int, Any] = {}
-        pending = list(refs)
+        pending = [r for r in refs if r is not None]
         deadline = None if timeout is None else time.monotonic() + timeout
         while pending:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -88,7 +88,32 @@ class WorkerGroup:
                     results[rank] = ray.get(ref)
                 except (RayTaskError, ActorDiedError, ActorUnavailableError) as e:
                     raise WorkerError(self.role, rank, method, _describe(self.role, rank, method, e)) from e
-        return [results[rank] for rank in range(len(refs))]
+        return [results.get(rank) for rank in range(len(refs))]
+
+    def submit(self, method: str, *args) -> list:
+        """Start ``method(*args)`` on every rank without waiting: the ObjectRefs, for ``wait`` (to overlap two
+        groups' calls, e.g. a weight sync's senders and receivers)."""
+        return [getattr(a, method).remote(*args) for a in self.actors]
+
+    def submit_each(self, method: str, args: Sequence[tuple]) -> list:
+        """``submit`` with ``args[r]`` for rank ``r``."""
+        if len(args) != len(self.actors):
+            raise ValueError(f"{len(args)} argument tuples for {len(self.actors)} {self.role} ranks")
+        return [getattr(a, method).remote(*x) for a, x in zip(self.actors, args)]
+
+    def submit_rank(self, rank: int, method: str, *args) -> list:
+        """``submit`` on rank ``rank`` only (a one-element list of refs, for ``wait``)."""
+        refs: list = [None] * len(self.actors)
+        refs[rank] = getattr(self.actors[rank], method).remote(*args)
+        return refs
+
+    def wait(self, method: str, refs: Sequence[Any], timeout: float | None = None) -> list:
+        """The results of ``submit``'s refs in rank order (``None`` where a rank was not called).
+
+        Raises:
+            WorkerError: as ``call``.
+        """
+        return self._gather(method, refs, timeout)
 
     def call(self, method: str, *args, timeout: float | None = None) -> list:
         """``method(*args)`` on every rank (collectives need them all); the results in rank order.

@@ -40,7 +40,8 @@ class LearnerWorker:
                  gradient_checkpointing: bool):
         set_torch_threads(cfg.torch_threads)
         device = "cuda" if cfg.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
-        self.learner = Learner(cfg, algo, rank, world_size, device=device, param_dtype=getattr(torch, param_dtype),
+        compute = getattr(torch, param_dtype) if device == "cuda" else torch.float32  # CPU debug runs train in fp32
+        self.learner = Learner(cfg, algo, rank, world_size, device=device, param_dtype=compute,
                                gradient_checkpointing=gradient_checkpointing)
 
     def rendezvous_address(self) -> tuple[str, int]:
@@ -83,10 +84,42 @@ class LearnerWorker:
     def sft_step(self, exp: Experience, lr: float) -> dict[str, float]:
         return self.learner.sft_step(exp, lr)
 
-    def weight_buckets(self, bucket_mb: int) -> list:
-        """Full weights as ObjectRefs of buckets, each put in the object store as soon as it is gathered (rank 0;
-        other ranks take part in the gathers and return [])."""
-        return [ray.put(b) for b in self.learner.weight_buckets(bucket_mb)]
+    # ------------------------------------------------------------------ weight sync (research_rl.driver.weight_sync)
+    def sync_device_key(self) -> str:
+        """Where this rank's tensors live (``research_rl.sync.transport.device_key``)."""
+        from research_rl.sync.transport import device_key
+
+        return device_key(self.learner.device)
+
+    def sync_plan(self, dtype: str, bucket_mb: float) -> list:
+        """The sync's bucket layouts in the engines' dtype (``Learner.sync_plan``; any rank, no collective)."""
+        return self.learner.sync_plan(dtype, bucket_mb)
+
+    def sync_join(self, host: str, port: int, world_size: int) -> None:
+        """Leader only: host the collective sync group as its rank 0."""
+        self.learner.sender.join(host, port, world_size)
+
+    def sync_send_collective(self, buckets: list) -> int:
+        """Every rank: gather each bucket; the leader broadcasts it to the engines. Returns bytes sent."""
+        return self.learner.sender.send_collective(buckets)
+
+    def sync_begin_ipc(self, buckets: list, pack_here: bool) -> dict:
+        """Every rank: start an ipc sync; a packing rank returns its slots' handles by device key."""
+        return self.learner.sender.begin_ipc(buckets, pack_here)
+
+    def sync_pack(self, slot: int) -> int:
+        """Every rank: gather the next bucket; a packing rank packs it into ``slot``. Returns the bucket index."""
+        return self.learner.sender.pack_next(slot)
+
+    def sync_object_store(self, buckets: list) -> list:
+        """Every rank: gather each bucket; the leader puts each, packed, in the object store as a NumPy array (the
+        engines read it in place) and returns the ObjectRefs, the other ranks []."""
+        refs = [ray.put(flat.numpy()) for flat in self.learner.sender.host_buckets(buckets) if flat is not None]
+        return refs
+
+    def sync_end(self) -> None:
+        """Every rank: release the ipc slots."""
+        self.learner.sender.end()
 
     def probe_log_probs(self, sequence: list[int]) -> torch.Tensor:
         return self.learner.probe_log_probs(sequence)

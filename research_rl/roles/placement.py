@@ -166,9 +166,10 @@ def where() -> dict:
             "resources": {k: round(v, 4) for k, v in ctx.get_assigned_resources().items()}}
 
 
-def write_report(path: str | Path, cfg: Config, roles: dict[str, list[dict]]) -> str:
-    """Write ``placement.json`` (mode, Ray namespace, the nodes with their CPU/GPU resources, and per role the
-    ``where()`` of each worker) and return a short table of the nodes each role landed on."""
+def write_report(path: str | Path, cfg: Config, roles: dict[str, list[dict]], sync: dict | None = None) -> str:
+    """Write ``placement.json`` (mode, Ray namespace, the nodes with their CPU/GPU resources, per role the
+    ``where()`` of each worker, and the weight sync's transport and wire dtype) and return a short table of the
+    nodes each role landed on."""
     import ray
 
     nodes = {n["NodeID"]: {"ip": n["NodeManagerAddress"],
@@ -176,7 +177,7 @@ def write_report(path: str | Path, cfg: Config, roles: dict[str, list[dict]]) ->
                                          if k in ("CPU", "GPU", cfg.placement.gpu_resource)}}
              for n in ray.nodes() if n.get("Alive")}
     report = {"mode": cfg.placement.mode, "gpu_resource": cfg.placement.gpu_resource, "namespace": cfg.ray.namespace,
-              "nodes": nodes, "roles": roles}
+              "nodes": nodes, "roles": roles, "sync": sync}
     Path(path).write_text(json.dumps(report, indent=2))
     lines = ["placement:"]
     for role, workers in roles.items():
@@ -184,4 +185,6 @@ def write_report(path: str | Path, cfg: Config, roles: dict[str, list[dict]]) ->
         for w in workers:
             per_node[w["node_id"][:8]] = per_node.get(w["node_id"][:8], 0) + 1
         lines.append(f"  {role:<9} " + ", ".join(f"{n} × node {nid}" for nid, n in per_node.items()))
+    if sync:
+        lines.append(f"  {'sync':<9} {sync['transport']} ({sync['dtype']})")
     return "\n".join(lines)

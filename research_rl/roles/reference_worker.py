@@ -25,7 +25,8 @@ class ReferenceWorker:
     def __init__(self, cfg: LearnerConfig, reference: ReferenceConfig, rank: int, world_size: int, param_dtype: str):
         set_torch_threads(cfg.torch_threads)
         device = "cuda" if reference.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
-        self.reference = ReferencePolicy(cfg, rank, world_size, device=device, param_dtype=getattr(torch, param_dtype))
+        compute = getattr(torch, param_dtype) if device == "cuda" else torch.float32  # CPU debug runs in fp32
+        self.reference = ReferencePolicy(cfg, rank, world_size, device=device, param_dtype=compute)
 
     def rendezvous_address(self) -> tuple[str, int]:
         return rendezvous_address()

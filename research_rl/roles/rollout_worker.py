@@ -3,11 +3,11 @@
 The plain cores are ``AgentLoop`` (agent_loop.py) and the engine (``HFEngine`` on CPU, ``VLLMEngine`` on GPU,
 ``rollout.engine``). Searches go through the ``RetrieverClient`` (actor replicas or a remote service): in
 ``rollout.mode=async`` each trajectory's query as soon as it is produced, in ``turn_sync`` one batched call per
-turn; a query it fails to serve gets the ``search failed`` observation. Weights arrive from the learner as buckets
-in the Ray object store and a probe compares the engine's log-probs with the learner's. A vLLM engine sleeps
-after each rollout at ``sleep_level`` (``research_rl.config.pools.vllm_sleep_level``: 2 colocated, 0
-disaggregated, unless ``rollout.vllm_sleep_level`` says otherwise); it wakes its weights for the sync and the rest
-for the probe or the next rollout (research_rl/rollout/vllm_engine.py).
+turn; a query it fails to serve gets the ``search failed`` observation. Weights arrive from the learner in buckets
+by one of the transports of ``research_rl.driver.weight_sync`` and a probe compares the engine's log-probs with the
+learner's. A vLLM engine sleeps after each rollout at ``sleep_level`` (``research_rl.config.pools.vllm_sleep_level``:
+2 colocated, 0 disaggregated, unless ``rollout.vllm_sleep_level`` says otherwise); it wakes its weights when a sync
+begins and the rest for the probe or the next rollout (research_rl/rollout/vllm_engine.py).
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ class RolloutWorker:
             from research_rl.rollout.hf_engine import HFEngine
 
             device = "cuda" if cfg.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
-            self.engine = HFEngine(model_path, self.tokenizer, cfg.max_batch_size, device=device, eos_ids=eos_ids)
+            weights = cfg.hf_dtype or (dtype if device == "cuda" else "float32")
+            self.engine = HFEngine(model_path, self.tokenizer, cfg.max_batch_size, dtype=getattr(torch, weights),
+                                   device=device, eos_ids=eos_ids)
         self.retriever, self.top_k = retriever, top_k
         self.loop = AgentLoop(self.engine, self._search, self.tokenizer, cfg.max_response_len, cfg.max_turns,
                               mode=cfg.mode, async_search_fn=_async_search(retriever, top_k),
@@ -75,29 +77,53 @@ class RolloutWorker:
             self.engine.sleep()  # the learner gets the GPU memory back (a no-op at sleep level 0)
         return trajs
 
-    def load_weights(self, bucket_refs: list, policy_version: int) -> dict:
-        """Load every bucket (a list of ObjectRefs to ``{name: tensor}``); the sync must cover all parameters.
-        Returns ``{"bytes", "tensors"}`` received.
+    # ------------------------------------------------------------------ weight sync (research_rl.driver.weight_sync)
+    def sync_info(self) -> dict:
+        """``{"dtype": the engine's weight dtype (the wire dtype), "device_keys": one per replica that receives}``."""
+        return {"dtype": self.engine.weight_dtype, "device_keys": self.engine.sync_device_keys()}
+
+    def sync_join(self, host: str, port: int, first_rank: int, world_size: int) -> None:
+        """Join the collective sync group: this engine's replicas are group ranks ``first_rank``, ``first_rank+1``, ..."""
+        self.engine.join_sync_group(host, port, first_rank, world_size)
+
+    def sync_begin(self, buckets: list) -> None:
+        """Check the sync plan against the engine's model before any byte moves, then prepare the engine (vLLM:
+        wake the weights).
 
         Raises:
-            RuntimeError: some parameters were not in any bucket.
+            KeyError: the plan names a tensor the rollout model does not have.
+            RuntimeError: the plan leaves some of the model's tensors out (they would stay stale).
         """
-        names, nbytes = set(), 0
-
-        def fetch():  # one bucket in memory at a time
-            nonlocal nbytes
-            for ref in bucket_refs:
-                bucket = ray.get(ref)
-                nbytes += sum(t.numel() * t.element_size() for t in bucket.values())
-                names.update(bucket)
-                yield bucket
-
-        self.engine.load_buckets(fetch())  # a sleeping vLLM engine wakes its weights first
-        missing = self.engine.parameter_names() - names
+        planned = {name for b in buckets for name in b.names}
+        unknown = planned - self.engine.known_names()
+        if unknown:
+            raise KeyError(f"weight sync: the rollout model has no tensor {sorted(unknown)[0]!r} "
+                           f"({len(unknown)} unknown names; the learner and the engine load different architectures)")
+        missing = self.engine.parameter_names() - planned
         if missing:
-            raise RuntimeError(f"weight sync left {len(missing)} parameters stale, e.g. {sorted(missing)[:3]}")
+            raise RuntimeError(f"weight sync would leave {len(missing)} tensors of the rollout model stale, e.g. "
+                               f"{sorted(missing)[:3]}")
+        self.engine.begin_sync()  # a sleeping vLLM engine wakes its weights here
+
+    def sync_ipc(self, msg) -> None:
+        """Load one bucket from the learner's shared slot (``research_rl.sync.receiver.IpcBucket``)."""
+        self.engine.receive_ipc(msg)
+
+    def sync_collective(self, buckets: list) -> None:
+        """Receive every bucket by broadcast from the learner leader."""
+        self.engine.receive_collective(buckets)
+
+    def sync_object_store(self, buckets: list, refs: list) -> None:
+        """Load each bucket from its object-store copy (read in place, one bucket at a time)."""
+        for bucket, ref in zip(buckets, refs):
+            self.engine.receive_packed(bucket, ray.get(ref))
+
+    def sync_end(self, policy_version: int) -> dict:
+        """Close the sync; the engine now holds ``policy_version``. Returns ``{"bytes", "tensors", "buckets"}``
+        received (by each replica)."""
+        stats = self.engine.end_sync()
         self.policy_version = policy_version
-        return {"bytes": nbytes, "tensors": len(names)}
+        return {"bytes": stats.bytes, "tensors": stats.tensors, "buckets": stats.buckets}
 
     def probe_log_probs(self, sequence: list[int]) -> torch.Tensor:
         return self.engine.log_probs(sequence)

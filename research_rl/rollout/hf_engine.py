@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from research_rl.learner.weights import persistent_buffers
 from research_rl.rollout.agent_loop import SEARCH_CLOSE, GenerationOutput, SamplingParams, request_seed
 
 
@@ -98,6 +99,8 @@ class HFEngine:
         self.eos_ids = set(eos_ids) if eos_ids else {tokenizer.eos_token_id}
         self._gen_config_cls = GenerationConfig
         self._params = dict(self.model.named_parameters(remove_duplicate=False))
+        self._params.update(persistent_buffers(self.model))
+        self._receiver = None  # research_rl.sync.receiver.WeightReceiver, created by the first sync
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
@@ -163,15 +166,55 @@ class HFEngine:
             n += tensor.numel()
         return n
 
-    def load_buckets(self, buckets) -> int:
-        """One weight sync: ``load_weights`` for each bucket (an iterable, consumed one at a time)."""
-        return sum(self.load_weights(b) for b in buckets)
+    # ------------------------------------------------------------------ weight sync (research_rl.sync)
+    @property
+    def weight_dtype(self) -> str:
+        """The dtype the engine holds its weights in: the wire dtype of a sync (``research_rl.sync.buckets``)."""
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
+    @property
+    def receiver(self):
+        """The ``WeightReceiver`` of this engine (one replica, in this process), loading through ``load_weights``."""
+        if self._receiver is None:
+            from research_rl.sync.receiver import WeightReceiver
+
+            self._receiver = WeightReceiver(lambda named: self.load_weights(dict(named)), self.device)
+        return self._receiver
+
+    def sync_device_keys(self) -> list[str]:
+        """The device key of each replica that receives a sync (one here): ``research_rl.sync.transport.device_key``."""
+        return [self.receiver.key]
+
+    def join_sync_group(self, host: str, port: int, first_rank: int, world_size: int) -> None:
+        """Join the collective sync group as group rank ``first_rank``."""
+        self.receiver.join(host, port, first_rank, world_size)
+
+    def begin_sync(self) -> None:
+        """Nothing to prepare: the weights are loaded in place."""
+
+    def receive_ipc(self, msg) -> None:
+        self.receiver.receive_ipc(msg)
+
+    def receive_collective(self, buckets) -> None:
+        self.receiver.receive_collective(buckets)
+
+    def receive_packed(self, bucket, flat) -> None:
+        self.receiver.receive_packed(bucket, flat)
+
+    def end_sync(self):
+        """What the sync delivered (``SyncStats``)."""
+        return self.receiver.end()
 
     def parameter_names(self) -> set[str]:
-        """Names that a full sync must cover (tied aliases share storage, so one of them suffices)."""
+        """Names that a full sync must cover: parameters (tied aliases share storage, so one of them suffices) and
+        persistent buffers."""
         seen, names = set(), set()
         for name, p in self.model.named_parameters():
             if p.data_ptr() not in seen:
                 seen.add(p.data_ptr())
                 names.add(name)
-        return names
+        return names | {name for name, _ in persistent_buffers(self.model)}
+
+    def known_names(self) -> set[str]:
+        """Every name a sync may carry (tied aliases included)."""
+        return set(self._params)
