@@ -38,7 +38,9 @@ class RecordingAsyncLLM:
 
     async def collective_rpc(self, method: str, args: tuple = (), **kwargs):
         self.calls.append(("rpc", method))
-        return [0]
+        if method == "rl_end_sync":  # one worker's SyncStats
+            return [{"bytes": 4, "elements": 1, "tensors": 1, "buckets": 1}]
+        return [None]
 
     async def reset_prefix_cache(self) -> bool:
         self.calls.append(("reset_prefix_cache",))
@@ -96,8 +98,13 @@ def _step(engine) -> None:
         engine.generate([[1, 2, 3]], [2], SamplingParams(greedy=True))
         engine.sleep()
 
+    from research_rl.sync.buckets import plan_buckets
+
     rollout()
-    engine.load_buckets([{n: torch.zeros(1) for n in engine.parameter_names()}])  # RolloutWorker.load_weights
+    (bucket,) = plan_buckets([("model.norm.weight", (1,))], "float32", 1)
+    engine.begin_sync()  # RolloutWorker.sync_begin ... sync_end, one bucket by the object store
+    engine.receive_packed(bucket, torch.zeros(bucket.nbytes, dtype=torch.uint8))
+    engine.end_sync()
     assert engine.log_probs([1, 2, 3]).tolist() == [-1.0, -1.0]  # RolloutWorker.probe_log_probs
     rollout()
 
@@ -111,7 +118,7 @@ def test_colocated_step_sleeps_after_rollouts_and_wakes_each_tag_once(make_engin
         ("generate", "rollout"),         # the engine starts awake: nothing to wake
         ("sleep", level),                # after the rollout: the learner gets the memory
         ("wake_up", ["weights"]),        # the sync needs the weights mapped ...
-        ("rpc", "rl_begin_sync"), ("rpc", "rl_load_bucket"), ("rpc", "rl_finish_sync"), ("reset_prefix_cache",),
+        ("rpc", "rl_begin_sync"), ("rpc", "rl_receive_packed"), ("rpc", "rl_end_sync"), ("reset_prefix_cache",),
         ("wake_up", ["kv_cache"]),       # ... the probe the KV cache; "weights" is never woken twice
         ("generate", "probe"),
         ("generate", "rollout"),         # everything is awake: the rollout wakes nothing
