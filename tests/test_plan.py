@@ -125,6 +125,17 @@ def test_7b_recipe_plan_terms_and_the_warning_before_ray():
     assert plan.check(_compose(), gpu_gib=80) == []  # the recipe as shipped fits an 80 GB GPU
 
 
+def test_the_update_has_vllms_memory_back_exactly_when_vllm_sleeps():
+    from research_rl import plan
+
+    gpu = 80 * memory.GIB
+    auto = plan.make_plan(_compose(), gpu).update  # the colocated recipe, rollout.vllm_sleep_level=null: level 2
+    assert plan.make_plan(_compose("rollout.vllm_sleep_level=2"), gpu).update == auto
+    assert plan.make_plan(_compose("rollout.vllm_sleep_level=1"), gpu).update == auto  # GPU memory freed either way
+    awake = plan.make_plan(_compose("rollout.vllm_sleep_level=0"), gpu).update
+    assert awake - auto == int(0.5 * gpu)  # awake, vLLM keeps its rollout.vllm_gpu_memory_utilization share
+
+
 def test_cpu_runs_have_nothing_to_plan_and_an_unknown_model_warns():
     from research_rl import plan
     from research_rl.config.compose import compose_config

@@ -154,6 +154,30 @@ def test_composing_checks_the_config_alone_and_check_config_the_machine():
         preflight.check_config(cfg)
 
 
+VLLM_ON_ONE_GPU = [DEBUG, "rollout.engine=vllm", "placement.gpus_per_node=1", "rollout.num_gpus_per_worker=1",
+                   "learner.num_gpus_per_worker=1", "ray.address=auto"]
+
+
+@pytest.mark.parametrize("overrides, level, note", [
+    (["placement.mode=colocated"], 2, "rollout.vllm_sleep_level=null: 2 in placement.mode=colocated"),
+    (["placement.mode=disaggregated", "placement.gpus_per_node=2"], 0,
+     "rollout.vllm_sleep_level=null: 0 in placement.mode=disaggregated"),
+    (["placement.mode=colocated", "rollout.vllm_sleep_level=1"], 1, None),  # explicit levels are kept as given
+    (["placement.mode=disaggregated", "placement.gpus_per_node=2", "rollout.vllm_sleep_level=2"], 2, None),
+    (["placement.mode=colocated", "rollout.vllm_sleep_level=0"], 0, None),
+])
+def test_vllm_sleep_level_null_is_chosen_by_the_placement_and_printed(overrides, level, note):
+    from research_rl.config.pools import vllm_sleep_level
+
+    cfg = compose_config(VLLM_ON_ONE_GPU + overrides)
+    assert vllm_sleep_level(cfg) == level
+    notes = [n for n in preflight.check_submit(cfg) if "vllm_sleep_level" in n]
+    if note is None:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and notes[0].startswith(note), notes
+
+
 def test_check_submit_checks_the_config_but_not_this_machine(monkeypatch):
     import importlib.util
 

@@ -37,6 +37,19 @@ def gpu_role_pools(cfg: Config) -> list[Pool]:
     return pools
 
 
+def vllm_sleep_level(cfg: Config) -> int:
+    """The level the vLLM engines sleep at between rollouts (research_rl/rollout/vllm_engine.py): an explicit
+    ``rollout.vllm_sleep_level`` (0, 1 or 2) as given; null (auto) means 2 in ``placement.mode=colocated``, where
+    the learner needs the GPU memory during the update and the next sync rewrites every weight (level 1 would copy
+    the weights to pinned host memory only to overwrite them; verl sleeps at 2 too: ``VLLM_SLEEP_LEVEL`` in
+    verl/third_party/vllm/__init__.py, 1 only with LoRA), and 0 in ``disaggregated``, where nothing else uses the
+    rollout GPUs."""
+    level = cfg.rollout.vllm_sleep_level
+    if level is not None:
+        return level
+    return 2 if cfg.placement.mode == "colocated" else 0
+
+
 def check_placement(cfg: Config) -> list[str]:
     """Check that the GPU roles fit ``placement.nnodes`` × ``placement.gpus_per_node``; runs before ``ray.init``.
 

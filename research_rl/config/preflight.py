@@ -30,7 +30,7 @@ import json
 import os
 from pathlib import Path
 
-from research_rl.config.pools import check_placement
+from research_rl.config.pools import check_placement, vllm_sleep_level
 from research_rl.config.schema import Config, ConfigError, EvalConfig, validate
 
 
@@ -76,9 +76,11 @@ def absolute_paths(cfg: Config) -> Config:
 
 # ------------------------------------------------------------------------------------------------ the config
 
-def check_vllm(cfg: Config) -> None:
+def check_vllm(cfg: Config) -> list[str]:
     """``rollout.engine=vllm``: GPUs per worker, tensor parallelism within them, and a context that holds a prompt
-    plus the response budget. Training rollouts only (the evaluator always runs HF transformers).
+    plus the response budget. Training rollouts only (the evaluator always runs HF transformers). Returns a note
+    with the sleep level the placement chose when ``rollout.vllm_sleep_level`` is null
+    (``research_rl.config.pools.vllm_sleep_level``).
 
     Raises:
         ConfigError: at ``rollout.num_gpus_per_worker``, ``rollout.vllm_tensor_parallel_size`` or
@@ -95,6 +97,12 @@ def check_vllm(cfg: Config) -> None:
         raise ConfigError("rollout.vllm_max_model_len", f"{ro.vllm_max_model_len} tokens cannot hold a prompt of "
                           f"data.max_prompt_len={cfg.data.max_prompt_len} plus rollout.max_response_len="
                           f"{ro.max_response_len}")
+    if ro.engine != "vllm" or ro.vllm_sleep_level is not None:
+        return []
+    level = vllm_sleep_level(cfg)
+    why = ("the engines free their weights and KV cache between rollouts for the learner; each sync rewrites the "
+           "weights" if level == 2 else "the rollout GPUs are the engines' own: they stay awake")
+    return [f"rollout.vllm_sleep_level=null: {level} in placement.mode={cfg.placement.mode} ({why})"]
 
 
 def check_local_cpus(cfg: Config, cpus: int | None = None) -> None:
@@ -138,14 +146,14 @@ def check_deepspeed(cfg: Config) -> None:
 
 def check_submit(cfg: Config) -> list[str]:
     """The config alone, for a job that runs elsewhere: ``schema.validate``, the placement arithmetic and the vLLM
-    settings. Returns the placement notes (idle GPUs).
+    settings. Returns the notes to print (idle GPUs, the vLLM sleep level the placement chose).
 
     Raises:
         ConfigError: naming the key.
     """
     validate(cfg)
-    check_vllm(cfg)
-    return check_placement(cfg)
+    notes = check_vllm(cfg)
+    return check_placement(cfg) + notes
 
 
 def check_config(cfg: Config) -> list[str]:

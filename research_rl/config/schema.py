@@ -223,7 +223,8 @@ class RolloutConfig:
     vllm_tensor_parallel_size: int = 1  # GPUs per vLLM engine
     vllm_gpu_memory_utilization: float = 0.5  # fraction of each GPU's memory vLLM takes (weights + KV cache)
     vllm_max_model_len: Optional[int] = None  # tokens per sequence; None = data.max_prompt_len + max_response_len
-    vllm_sleep_level: int = 1  # between rollouts: 0 stays awake; 1 frees the KV cache, weights to CPU; 2 frees both
+    # after each rollout (docs/rollout.md): 0 stays awake; 2 also frees the weights, which the next sync rewrites
+    vllm_sleep_level: Optional[int] = None  # null: 2 colocated, 0 disaggregated; 1 frees KV cache, weights to host; 2 both
     vllm_enforce_eager: bool = False  # no CUDA graphs (faster start, slower decoding)
     vllm_cpu_kv_cache_gb: int = 1  # CPU backend only (VLLM_CPU_KVCACHE_SPACE), GiB
 
@@ -250,7 +251,8 @@ class RolloutConfig:
         _number("rollout.vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, 0, 1, low_open=True)
         if self.vllm_max_model_len is not None:
             _positive("rollout.vllm_max_model_len", self.vllm_max_model_len)
-        _one_of("rollout.vllm_sleep_level", self.vllm_sleep_level, (0, 1, 2))
+        if self.vllm_sleep_level is not None:
+            _one_of("rollout.vllm_sleep_level", self.vllm_sleep_level, (0, 1, 2))
         _positive("rollout.vllm_cpu_kv_cache_gb", self.vllm_cpu_kv_cache_gb)
 
 

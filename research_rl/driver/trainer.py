@@ -40,6 +40,7 @@ from research_rl.algo.experience import Experience
 from research_rl.algo.reward import REWARD_FUNCTIONS, RewardResult
 from research_rl.algo.templates import encode_prompt
 from research_rl.config import preflight
+from research_rl.config.pools import vllm_sleep_level
 from research_rl.config.schema import Config, to_dict
 from research_rl.data import PromptStream, Question, load_questions
 from research_rl.driver import checkpoint as ckpt
@@ -203,9 +204,11 @@ class GRPOTrainer:
             cfg.retriever, cfg.data.corpus_path, self.placement.retriever_options(cfg.retriever.num_replicas)))
         self.retriever = RetrieverClient(self.retrievers.actors, cfg.retriever.url, cfg.retriever.timeout_s)
         max_len = cfg.rollout.vllm_max_model_len or cfg.data.max_prompt_len + cfg.rollout.max_response_len
+        sleep_level = vllm_sleep_level(cfg)  # rollout.vllm_sleep_level, or the placement's choice when it is null
         self.rollout = WorkerGroup.start(
             "rollout", RolloutWorker, self.placement.role_options("rollout", cfg.rollout.num_workers),
-            lambda rank: (cfg.rollout, cfg.model.path, self.retriever, cfg.retriever.top_k, cfg.model.dtype, max_len))
+            lambda rank: (cfg.rollout, cfg.model.path, self.retriever, cfg.retriever.top_k, cfg.model.dtype, max_len,
+                          sleep_level))
         n = cfg.learner.num_workers
         self.learners = WorkerGroup.start(
             "learner", LearnerWorker, self.placement.role_options("learner", n),

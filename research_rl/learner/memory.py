@@ -21,8 +21,9 @@ share it. The terms:
   hooks: bench/learner.py --memory); chunked (``learner.logits_chunk_tokens``), only the head's input is kept (``d``
   per scored token) and one chunk's block exists at a time.
 - **vLLM** during rollout: ``gpu_memory_utilization`` × the GPU (its weights, KV cache and activations together;
-  the KV cache is what is left after its bf16 weights); asleep during the update (``vllm_sleep_level`` ≥ 1 frees
-  its KV cache and moves its weights to CPU).
+  the KV cache is what is left after its bf16 weights); asleep during the update (sleep level ≥ 1,
+  ``research_rl.config.pools.vllm_sleep_level``: its KV cache freed, its weights freed at level 2 or copied to host
+  memory at level 1).
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def plan(shape: ModelShape, *, gpu_bytes: int, learner_ranks: int, dtype_bytes: 
             largest micro-batch (padded, or real when packed); scored_tokens: its loss tokens. logits_chunk:
             ``learner.logits_chunk_tokens``. offload: ``learner.offload`` (what leaves the GPU during rollout).
         vllm_utilization: ``rollout.vllm_gpu_memory_utilization``; vllm_asleep: the engine frees its memory for the
-            update (``rollout.vllm_sleep_level`` ≥ 1).
+            update (sleep level ≥ 1: ``research_rl.config.pools.vllm_sleep_level``).
 
     Returns:
         ``MemoryPlan``; ``rollout`` = what stays on the GPU while vLLM generates, ``update`` = the update's peak.

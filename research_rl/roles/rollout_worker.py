@@ -5,8 +5,9 @@ The plain cores are ``AgentLoop`` (agent_loop.py) and the engine (``HFEngine`` o
 ``rollout.mode=async`` each trajectory's query as soon as it is produced, in ``turn_sync`` one batched call per
 turn; a query it fails to serve gets the ``search failed`` observation. Weights arrive from the learner in buckets
 by one of the transports of ``research_rl.driver.weight_sync`` and a probe compares the engine's log-probs with the
-learner's. A vLLM engine sleeps
-between rollouts (``rollout.vllm_sleep_level``) and wakes for the next sync.
+learner's. A vLLM engine sleeps after each rollout at ``sleep_level`` (``research_rl.config.pools.vllm_sleep_level``:
+2 colocated, 0 disaggregated, unless ``rollout.vllm_sleep_level`` says otherwise); it wakes its weights when a sync
+begins and the rest for the probe or the next rollout (research_rl/rollout/vllm_engine.py).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _async_search(retriever: RetrieverClient, top_k: int):
 @ray.remote
 class RolloutWorker:
     def __init__(self, cfg: RolloutConfig, model_path: str, retriever: RetrieverClient, top_k: int,
-                 dtype: str = "bfloat16", max_model_len: int | None = None):
+                 dtype: str = "bfloat16", max_model_len: int | None = None, sleep_level: int = 0):
         set_torch_threads(cfg.torch_threads)
         from transformers import AutoTokenizer
 
@@ -45,7 +46,8 @@ class RolloutWorker:
         if cfg.engine == "vllm":
             from research_rl.rollout.vllm_engine import VLLMEngine
 
-            self.engine = VLLMEngine.from_config(cfg, model_path, self.tokenizer, dtype, max_model_len, eos_ids)
+            self.engine = VLLMEngine.from_config(cfg, model_path, self.tokenizer, dtype, max_model_len, eos_ids,
+                                                 sleep_level=sleep_level)
         else:
             from research_rl.rollout.hf_engine import HFEngine
 
@@ -71,8 +73,8 @@ class RolloutWorker:
         if hasattr(self.engine, "wake_up"):
             self.engine.wake_up()
         trajs: list[Trajectory] = self.loop.run(prompts, sampling)
-        if hasattr(self.engine, "sleep") and self.cfg.vllm_sleep_level:
-            self.engine.sleep(self.cfg.vllm_sleep_level)  # the learner gets the GPU memory back
+        if hasattr(self.engine, "sleep"):
+            self.engine.sleep()  # the learner gets the GPU memory back (a no-op at sleep level 0)
         return trajs
 
     # ------------------------------------------------------------------ weight sync (research_rl.driver.weight_sync)
@@ -101,9 +103,7 @@ class RolloutWorker:
         if missing:
             raise RuntimeError(f"weight sync would leave {len(missing)} tensors of the rollout model stale, e.g. "
                                f"{sorted(missing)[:3]}")
-        if hasattr(self.engine, "wake_up"):
-            self.engine.wake_up(["weights"])
-        self.engine.begin_sync()
+        self.engine.begin_sync()  # a sleeping vLLM engine wakes its weights here
 
     def sync_ipc(self, msg) -> None:
         """Load one bucket from the learner's shared slot (``research_rl.sync.receiver.IpcBucket``)."""
