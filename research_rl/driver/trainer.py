@@ -450,7 +450,7 @@ class GRPOTrainer:
         means, maxes = [float(d.mean()) for d in diffs], [float(d.max()) for d in diffs]
         tolerance = self.cfg.trainer.probe_tolerance
         for rank, mean in enumerate(means):
-            if mean > tolerance:
+            if not mean <= tolerance:  # NaN fails too
                 raise RuntimeError(
                     f"after the weight sync to policy version {self.state.step}, rollout engine {rank}'s log-probs "
                     f"differ from the learner's by {mean:.3g} nats per token on average (max {maxes[rank]:.3g}; "
