@@ -50,7 +50,8 @@ class RecordingAsyncLLM:
         self.calls.append(("generate", request_id.split("-")[0]))
         ids = list(prompt["prompt_token_ids"])
         yield SimpleNamespace(
-            outputs=[SimpleNamespace(token_ids=[7, 7], finish_reason="length", stop_reason=None)],
+            outputs=[SimpleNamespace(token_ids=[7, 7], finish_reason="length", stop_reason=None,
+                                     logprobs=[{7: SimpleNamespace(logprob=-0.5)}] * 2)],  # as with logprobs=0
             prompt_logprobs=[None] + [{t: SimpleNamespace(logprob=-1.0)} for t in ids[1:]])
 
     def shutdown(self) -> None:
