@@ -114,8 +114,7 @@ class LearnerWorker:
     def sync_object_store(self, buckets: list) -> list:
         """Every rank: gather each bucket; the leader puts each, packed, in the object store as a NumPy array (the
         engines read it in place) and returns the ObjectRefs, the other ranks []."""
-        refs = [ray.put(flat.numpy()) for flat in self.learner.sender.host_buckets(buckets) if flat is not None]
-        return refs
+        return [ray.put(flat.numpy()) for flat in self.learner.sender.host_buckets(buckets) if flat is not None]
 
     def sync_end(self) -> None:
         """Every rank: release the ipc slots."""

@@ -148,8 +148,3 @@ class WeightReceiver:
         self._slots.clear()
         stats, self.stats = self.stats, SyncStats()
         return stats
-
-    def close(self) -> None:
-        """Leave the sync group (at shutdown)."""
-        self.end()
-        self.group = None

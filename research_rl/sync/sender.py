@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from research_rl.sync.buckets import Bucket, largest, pack
-from research_rl.sync.transport import BufferHandle, SharedBuffer, group_backend, stateless_group
+from research_rl.sync.transport import BufferHandle, SharedBuffer, broadcast_async, group_backend, stateless_group
 
 Stream = Callable[[bool, bool], Iterable[tuple[str, "torch.Tensor | None"]]]
 
@@ -87,8 +87,6 @@ class WeightSender:
             return 0
         if self.group is None:
             raise RuntimeError("weight sync (collective): the learner leader has not joined the sync group")
-        from torch.distributed import BroadcastOptions
-
         size = largest(buckets)
         flats = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(min(2, len(buckets)))]
         work: list = [None] * len(flats)
@@ -99,9 +97,7 @@ class WeightSender:
                 work[i].wait()
             view = pack(bucket, tensors, flats[i])
             del tensors
-            opts = BroadcastOptions()
-            opts.rootRank, opts.rootTensor = 0, 0
-            work[i] = self.group.broadcast([view], opts)
+            work[i] = broadcast_async(self.group, view, src=0)
             sent += bucket.nbytes
         for w in work:
             if w is not None:

@@ -146,11 +146,17 @@ def group_backend(device: torch.device | str) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
-def broadcast(group, tensor: torch.Tensor, src: int = 0) -> None:
-    """``tensor`` from group rank ``src`` to every rank of ``group`` (in place), waiting for completion."""
+def broadcast_async(group, tensor: torch.Tensor, src: int = 0):
+    """Start broadcasting ``tensor`` from group rank ``src`` to every rank of ``group`` (in place); returns the work
+    handle (``.wait()`` before the buffer is reused)."""
     from torch.distributed import BroadcastOptions
 
     opts = BroadcastOptions()
     opts.rootRank = src
     opts.rootTensor = 0
-    group.broadcast([tensor], opts).wait()
+    return group.broadcast([tensor], opts)
+
+
+def broadcast(group, tensor: torch.Tensor, src: int = 0) -> None:
+    """``broadcast_async`` and wait for completion."""
+    broadcast_async(group, tensor, src).wait()
