@@ -5,9 +5,12 @@ validation format-fail rate, validation per dataset, KL and entropy.
     python -m research_rl.plot RUN_DIR [--out DIR] [--x step|minutes] [--smooth N]
 
 Reads ``RUN_DIR/metrics.jsonl`` (one JSON object per step, as the trainer writes it) and writes
-``RUN_DIR/plots/<name>.png`` and one ``overview.png`` with every panel. The reward is drawn per step (faint), as a
-trailing mean over ``--smooth`` steps, and with a band of ± the smoothed spread of the trajectories' rewards
-(``rollout/reward_std``: the spread within each step's batch). ``--x minutes`` puts wall-clock minutes since the
+``RUN_DIR/plots/<name>.png`` and one ``overview.png`` with every panel. The reward is drawn per step (faint) and
+as a trailing mean over ``--smooth`` steps, with a band: the 95% interval of that trailing mean (± 1.96 standard
+errors over the window's trajectories, from ``rollout/trajectories`` and ``rollout/reward_std``), or, for rows
+logged without ``rollout/trajectories``, ± the smoothed spread of the trajectories' rewards. The first and last
+quarters' means are drawn over their steps with their 95% intervals, and the panel's title gives their difference
+± its standard error (``research_rl.driver.curve.quarter_change``). ``--x minutes`` puts wall-clock minutes since the
 first GRPO step (the rows' ``time``) on every x axis; ``reward_wallclock.png`` is always drawn that way. Response
 length counts model tokens only (inserted ``<result>`` tokens excluded), as in the paper. Warm-up rows (step -1)
 are not drawn.
@@ -20,6 +23,7 @@ import sys
 from pathlib import Path
 
 from research_rl.data import iter_jsonl
+from research_rl.driver.curve import quarter_change
 
 PANELS = [  # (file name, title, metric keys, y label); "val/*/em" expands to every dataset validated on
     ("reward", "Training reward", ["rollout/reward_mean"], "mean reward"),
@@ -34,8 +38,37 @@ PANELS = [  # (file name, title, metric keys, y label); "val/*/em" expands to ev
     ("reward_wallclock", "Training reward over wall-clock time", ["rollout/reward_mean"], "mean reward"),
 ]
 RATES = {"format_ok", "validation", "validation_datasets", "validation_format_fail"}  # fractions: y in [0, 1]
-SMOOTHED = "rollout/reward_mean"  # drawn smoothed, with its spread (SPREAD) as a band
+SMOOTHED = "rollout/reward_mean"  # drawn smoothed, with its interval (or its spread, SPREAD) as a band
 SPREAD = "rollout/reward_std"
+COUNT = "rollout/trajectories"
+
+
+def reward_moments(series: dict[str, list[tuple[int, float]]]) -> dict[int, tuple]:
+    """``{step: curve.step_moments}`` of every step whose row has ``rollout/trajectories``."""
+    from research_rl.driver.curve import step_moments
+
+    keys = (SMOOTHED, SPREAD, COUNT, "rollout/format_ok")
+    rows: dict[int, dict[str, float]] = {}
+    for key in keys:
+        for step, value in series.get(key, []):
+            rows.setdefault(step, {})[key] = value
+    return {step: m for step, row in sorted(rows.items()) if (m := step_moments(row)) is not None}
+
+
+def windowed_interval(moments: list[tuple], window: int) -> tuple[list[float], list[float]]:
+    """The trailing ``window``-step pooled mean reward of each step and its standard error over the window's
+    trajectories (``curve.quarter_change``'s pooling)."""
+    import math
+
+    means, ses = [], []
+    for i in range(len(moments)):
+        part = moments[max(0, i - window + 1):i + 1]
+        n = sum(m[0] for m in part)
+        mean = sum(m[1] for m in part) / n
+        var = max(0.0, (sum(m[2] for m in part) - n * mean * mean) / (n - 1)) if n > 1 else 0.0
+        means.append(mean)
+        ses.append(math.sqrt(var / n))
+    return means, ses
 
 
 def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
@@ -121,6 +154,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, x: str = "s
     if not panels:
         raise ValueError(f"{metrics} holds no training steps yet")
     minutes = step_minutes(metrics)
+    moments = reward_moments(series)
 
     def draw(ax, name, title, keys, ylabel):
         axis = "minutes" if name == "reward_wallclock" else x
@@ -135,7 +169,24 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, x: str = "s
                 ax.plot(xs, values, color="tab:blue", alpha=0.3, linewidth=0.8, label="per step")
                 ax.plot(xs, mean, color="tab:blue", label=f"mean of {smooth} steps" if smooth > 1 else key)
                 spread = dict(series.get(SPREAD, []))
-                if spread:
+                if set(steps) <= set(moments):  # every step has its trajectory count: the mean's interval
+                    per_step = [moments[s] for s in steps]
+                    mean, se = windowed_interval(per_step, smooth)
+                    ax.fill_between(xs, [m - 1.96 * e for m, e in zip(mean, se)],
+                                    [m + 1.96 * e for m, e in zip(mean, se)], color="tab:blue", alpha=0.15,
+                                    label="95% interval of that mean")
+                    change = quarter_change(per_step)
+                    if change is not None:
+                        q = change["quarter_steps"]
+                        for part, sl, color in (("first", slice(0, q), "tab:gray"), ("last", slice(-q, None),
+                                                                                    "tab:green")):
+                            p = change[part]
+                            ax.hlines(p["mean"], xs[sl][0], xs[sl][-1], color=color, linewidth=2,
+                                      label=f"{part} quarter {p['mean']:.3f}")
+                            ax.fill_between([xs[sl][0], xs[sl][-1]], p["mean"] - 1.96 * p["se"],
+                                            p["mean"] + 1.96 * p["se"], color=color, alpha=0.2)
+                        title = f"{title}\nlast - first quarter: {change['diff']:+.3f} ± {change['diff_se']:.3f} SE"
+                elif spread:
                     sd = trailing_mean([spread.get(s, 0.0) for s in steps], smooth)
                     ax.fill_between(xs, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
                                     color="tab:blue", alpha=0.15, label="± trajectory spread (std)")

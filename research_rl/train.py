@@ -29,18 +29,34 @@ from research_rl.data import DataError
 
 
 def format_summary(s: dict) -> str:
+    """The run's summary as printed at its end, from ``summary.json``'s object: steps and training time; the mean
+    reward, format-correct rate and searches per trajectory of the first and last quarter of the steps (of the
+    first and last 3 steps when ``reward_change`` is absent), with the reward's change, its standard error over
+    trajectories and 95% interval (``research_rl.driver.curve``); validation before and after GRPO; where the
+    run's files are."""
+    from research_rl.driver.curve import describe
+
     lines = ["", "=" * 72, "research-rl run finished", "=" * 72]
     lines.append(f"steps:                 {s.get('steps')}  ({s.get('train_minutes')} min of GRPO training)")
     if s.get("history/reward_mean"):
-        k = min(3, len(s["history/reward_mean"]))
+        change = s.get("reward_change")
+        k = change["quarter_steps"] if change else min(3, len(s["history/reward_mean"]))
 
         def first_last(key: str) -> str:
             h = s[f"history/{key}"]
             return f"{sum(h[:k]) / k:.3f} -> {sum(h[-k:]) / k:.3f}"
 
-        lines.append(f"(means of the first {k} and the last {k} steps)")
-        lines.append(f"mean reward:           {first_last('reward_mean')}")
-        lines.append(f"format-correct rate:   {first_last('format_ok')}")
+        if change:
+            n = len(s["history/reward_mean"])
+            lines.append(f"(first quarter: steps 1-{k}, {change['first']['trajectories']} trajectories; last quarter: "
+                         f"steps {n - k + 1}-{n}, {change['last']['trajectories']} trajectories)")
+            lines.append(f"mean reward:           {change['first']['mean']:.3f} -> {change['last']['mean']:.3f}   "
+                         f"{describe(change)}")
+            lines.append(f"format-correct rate:   {change['first']['format_ok']:.3f} -> {change['last']['format_ok']:.3f}")
+        else:
+            lines.append(f"(means of the first {k} and the last {k} steps)")
+            lines.append(f"mean reward:           {first_last('reward_mean')}")
+            lines.append(f"format-correct rate:   {first_last('format_ok')}")
         lines.append(f"searches / trajectory: {first_last('searches_per_traj')}")
     for label, key in (("validation before GRPO", "val_before"), ("validation after GRPO", "val_last")):
         v = s.get(key)

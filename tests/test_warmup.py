@@ -21,3 +21,26 @@ def test_collate_right_pads_examples_into_an_experience():
     assert exp.loss_mask.tolist() == [[0, 0, 1, 1], [0, 1, 0, 0]]
     assert all(t.dtype == torch.int64 for t in (exp.input_ids, exp.attention_mask, exp.loss_mask))
     assert exp.advantages is None and exp.ref_log_probs is None
+
+
+def test_split_questions_is_disjoint_seeded_and_independent_of_order():
+    from research_rl.data import Question
+    from research_rl.rollout.warmup import split_questions
+
+    qs = [Question(f"q{i}", f"question {i}?", ("a",), "musique") for i in range(400)]
+    warm, rest = split_questions(qs, 0.5, seed=0)
+    assert {q.id for q in warm}.isdisjoint(q.id for q in rest) and len(warm) + len(rest) == 400
+    assert 150 < len(warm) < 250  # a fair coin per question: 200 ± 10 (std)
+    assert [q.id for q in split_questions(qs[::-1], 0.5, seed=0)[0]] == [q.id for q in warm][::-1]
+    assert {q.id for q in split_questions(qs, 0.5, seed=1)[0]} != {q.id for q in warm}
+    assert split_questions(qs, 0.0, seed=0) == ([], qs)
+
+
+def test_answer_span_copies_the_answer_as_the_passage_writes_it():
+    from research_rl.rollout.warmup import answer_span
+
+    passages = ['"Nissedal"\nNissedal is a municipality in Telemark.', '"Norway"\nNorway means the way North.']
+    assert answer_span(("north", "N"), passages) == "North"
+    assert answer_span(("telemark county", "Telemark"), passages) == "Telemark"  # the golds in their order
+    assert answer_span(("way n",), passages) is None  # whole words only
+    assert answer_span(("Oslo",), passages) is None

@@ -396,6 +396,14 @@ class WarmupConfig:
     search_fraction: float = 1.0  # share of synthesised trajectories that search before answering
     max_seq_len: int = 1024
     seed: int = 0
+    # share of data.train_files' questions the warm-up alone uses (a split by question id, seeded by warmup.seed);
+    # GRPO trains on the others, so it never sees a question whose answer the warm-up taught. 0: the warm-up
+    # synthesises from every training question, GRPO's included
+    question_share: float = 0.0
+    # gold: each trajectory answers the question's first gold answer; results: only trajectories whose retrieved
+    # passages hold a gold answer are kept, answering it as the passage writes it (the model learns to copy the
+    # answer out of the results instead of recalling it)
+    answer_from: str = "gold"
 
     def __post_init__(self) -> None:
         _positive("warmup.steps", self.steps)
@@ -404,6 +412,8 @@ class WarmupConfig:
         _number("warmup.search_fraction", self.search_fraction, 0, 1)
         _positive("warmup.max_seq_len", self.max_seq_len)
         _seed("warmup.seed", self.seed)
+        _number("warmup.question_share", self.question_share, 0, 1, high_open=True)  # GRPO needs questions too
+        _one_of("warmup.answer_from", self.answer_from, ("gold", "results"))
 
 
 @dataclass

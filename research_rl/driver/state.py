@@ -3,8 +3,9 @@
 
 ``RunState`` holds the step and policy version, the best checkpoint so far (``validation.best_metric``, higher is
 better, ties keep the earlier one), the validations before training and the last one (with its step), the per-step
-history the summary prints (``reward_mean``, ``format_ok``, ``searches_per_traj``), the warm-up's duration and final
-NLL, the GRPO training time, and, as of the last checkpoint, the data cursor (``PromptStream.state_dict``) and the
+history the summary prints (``reward_mean``, ``format_ok``, ``searches_per_traj``), each step's reward moments over its
+trajectories (``research_rl.driver.curve``: the first-vs-last-quarter change and its standard error), the warm-up's
+duration and final NLL, the GRPO training time, and, as of the last checkpoint, the data cursor (``PromptStream.state_dict``) and the
 Python / NumPy / torch RNG states.
 
 ``trainer_state.json`` (``to_json``) keeps the top-level keys earlier checkpoints had (``step``,
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from research_rl.driver.curve import quarter_change, step_moments
 
 HISTORY_KEYS = ("reward_mean", "format_ok", "searches_per_traj")  # rollout/<key>, one value per step
 STATE_VERSION = 2  # trainer_state.json layout; 1 (no "version" key) kept validation, best and history in "summary"
@@ -65,6 +68,9 @@ class RunState:
     val_last: dict[str, float] | None = None
     val_step: int | None = None  # the step of the last validation
     history: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in HISTORY_KEYS})
+    # per step: [trajectories, reward sum, reward sum of squares, format-correct count] (curve.step_moments), or
+    # None for a step whose metrics lacked them; empty in states saved before it was kept
+    reward_moments: list[list[float] | None] = field(default_factory=list)
     warmup_seconds: float | None = None
     warmup_final_nll: float | None = None
     train_seconds: float = 0.0  # GRPO steps only (setup, warm-up and validation before training excluded)
@@ -73,9 +79,18 @@ class RunState:
 
     # ------------------------------------------------------------------ updates
     def record_step(self, metrics: dict[str, float]) -> None:
-        """Append this step's ``rollout/<key>`` of every history key."""
+        """Append this step's ``rollout/<key>`` of every history key, and its reward moments."""
         for key in HISTORY_KEYS:
             self.history[key].append(metrics[f"rollout/{key}"])
+        moments = step_moments(metrics)
+        self.reward_moments.append(list(moments) if moments is not None else None)
+
+    def reward_change(self) -> dict | None:
+        """``curve.quarter_change`` over the steps so far; None when a step's moments are missing (a run resumed
+        from a checkpoint saved before they were kept)."""
+        if len(self.reward_moments) != len(self.history["reward_mean"]):
+            return None
+        return quarter_change([tuple(m) if m is not None else None for m in self.reward_moments])
 
     def record_validation(self, step: int, val: dict[str, float]) -> None:
         """The validation at ``step`` is the last one."""
@@ -130,7 +145,7 @@ class RunState:
     def summary(self, run_dir: str, logger: str, checkpoint: str | None, dropped_prompts: int) -> dict:
         """The ``summary.json`` object (``research_rl.train.format_summary`` and ``research_rl.sweep`` read it):
         ``val_before``, ``val_last``, ``val_step``, ``best``, ``warmup_seconds``, ``warmup_final_nll`` when set,
-        ``history/<key>`` once a step ran, then ``steps``, ``train_minutes``, ``run_dir``, ``logger``,
+        ``history/<key>`` once a step ran, ``reward_change`` (``reward_change()``) when there is one, then ``steps``, ``train_minutes``, ``run_dir``, ``logger``,
         ``checkpoint`` (the newest step checkpoint) and ``dropped_prompts``."""
         out: dict = {}
         for key in ("val_before", "val_step", "val_last", "warmup_seconds", "warmup_final_nll"):
@@ -141,6 +156,9 @@ class RunState:
         for key in HISTORY_KEYS:
             if self.history[key]:
                 out[f"history/{key}"] = list(self.history[key])
+        change = self.reward_change()
+        if change is not None:
+            out["reward_change"] = change
         out.update({"steps": self.step, "train_minutes": round(self.train_seconds / 60, 2), "run_dir": run_dir,
                     "logger": logger, "checkpoint": checkpoint, "dropped_prompts": dropped_prompts})
         return out

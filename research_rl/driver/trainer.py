@@ -99,6 +99,7 @@ class GRPOTrainer:
         # data, set by setup()
         self.tokenizer = None
         self.train_prompts: list[tuple[Question, list[int]]] = []
+        self.warmup_questions: list[Question] | None = None  # warmup.question_share's set, else the GRPO prompts'
         self.val_questions: list[tuple[Question, list[int]]] = []
         self.prompt_ids: dict[Question, list[int]] = {}  # encoded once at setup
         self.dropped = 0  # training prompts over data.max_prompt_len
@@ -138,16 +139,28 @@ class GRPOTrainer:
             self.validate_before()
 
     def load_data(self) -> None:
-        """The tokenizer, every training prompt and the fixed validation sample, encoded once."""
+        """The tokenizer, the training prompts (less the share set apart for the warm-up, ``warmup.question_share``),
+        the warm-up questions and the fixed validation sample, encoded once."""
         from transformers import AutoTokenizer
 
         cfg = self.cfg
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-        self.train_prompts, self.dropped = encode_questions(
-            [q for f in cfg.data.train_files for q in load_questions(f)], cfg.model.template, self.tokenizer,
-            cfg.data.max_prompt_len)
+        questions = [q for f in cfg.data.train_files for q in load_questions(f)]
+        if cfg.warmup.enabled and cfg.warmup.question_share > 0:  # the warm-up's questions are not GRPO's
+            from research_rl.rollout.warmup import split_questions
+
+            warm, questions = split_questions(questions, cfg.warmup.question_share, cfg.warmup.seed)
+            if not warm or not questions:
+                raise ValueError(f"warmup.question_share={cfg.warmup.question_share} leaves {len(warm)} warm-up and "
+                                 f"{len(questions)} GRPO questions of {len(warm) + len(questions)}; both need some")
+            self.warmup_questions = [q for q, _ in encode_questions(warm, cfg.model.template, self.tokenizer,
+                                                                    cfg.data.max_prompt_len)[0]]
+        self.train_prompts, self.dropped = encode_questions(questions, cfg.model.template, self.tokenizer,
+                                                            cfg.data.max_prompt_len)
         if not self.train_prompts:
             raise ValueError(f"every training prompt is longer than data.max_prompt_len={cfg.data.max_prompt_len}")
+        if self.warmup_questions is None:
+            self.warmup_questions = [q for q, _ in self.train_prompts] if cfg.warmup.enabled else []
         v = cfg.validation
         per_file = max(1, v.num_questions // max(1, len(cfg.data.val_files)))
         sample = [q for f in cfg.data.val_files for q in evaluation.sample_questions(load_questions(f), per_file, v.seed)]
@@ -258,8 +271,7 @@ class GRPOTrainer:
         out_dir = self.run_dir / "warmup_model"
         if not ckpt.is_valid_model_dir(out_dir):
             self.state.warmup_seconds, self.state.warmup_final_nll = warm_up(
-                self.cfg, [q for q, _ in self.train_prompts], self.tokenizer, self.retriever, self.learners,
-                self.logger, out_dir)
+                self.cfg, self.warmup_questions, self.tokenizer, self.retriever, self.learners, self.logger, out_dir)
         return out_dir
 
     def validate_before(self) -> None:

@@ -44,7 +44,7 @@ def warm_up(cfg: Config, questions: list[Question], tokenizer, retriever, learne
 
     t0 = time.time()
     examples = synthesize(questions, titles, search, tokenizer, cfg.model.template, w.search_fraction, w.max_seq_len,
-                          w.seed)
+                          w.seed, w.answer_from)
     learners.call("load_policy", cfg.model.path)
     rng = random.Random(w.seed)
     bar = progress(w.steps, "warm-up (supervised, debug only)", "steps")

@@ -10,7 +10,9 @@ results, 1 on model text through EOS). With ``search_fraction < 1`` some traject
 
 from __future__ import annotations
 
+import hashlib
 import random
+import re
 from typing import Callable
 
 from research_rl.algo.experience import Experience
@@ -25,17 +27,52 @@ THINK_DIRECT = "<think> I can answer this question directly. </think> "
 ANSWER = "<answer> The final answer is \\[ \\boxed{{{answer}}} \\] </answer>"
 
 
+ANSWER_SOURCES = ("gold", "results")
+
+
+def split_questions(questions: list[Question], share: float, seed: int) -> tuple[list[Question], list[Question]]:
+    """``(warm-up questions, the others)``: a question goes to the warm-up when the SHA-256 of ``"{seed}:{id}"``,
+    read as a fraction in [0, 1), is below ``share``. The split depends on the id alone, not on the files' order,
+    so it is the same in every run with this ``seed``; both lists keep the input order. ``share=0`` gives
+    ``([], questions)``."""
+    def draw(q: Question) -> float:
+        return int.from_bytes(hashlib.sha256(f"{seed}:{q.id}".encode()).digest()[:8], "big") / 2 ** 64
+
+    warm = [q for q in questions if draw(q) < share]
+    picked = {id(q) for q in warm}
+    return warm, [q for q in questions if id(q) not in picked]
+
+
+def answer_span(golds: tuple[str, ...] | list[str], passages: list[str]) -> str | None:
+    """The first gold answer (in the golds' order) that occurs in a passage as whole words, case-insensitively, as
+    that passage writes it (``"North"`` for gold ``"north"``); None when no passage holds one."""
+    for gold in golds:
+        pattern = re.compile(r"(?<!\w)" + re.escape(gold.strip()) + r"(?!\w)", re.IGNORECASE)
+        for passage in passages:
+            m = pattern.search(passage) if gold.strip() else None
+            if m:
+                return m.group(0)
+    return None
+
+
 def synthesize(questions: list[Question], titles: dict[str, str], search_fn: Callable[[list[str]], list[list[str]]],
-               tokenizer, template: str, search_fraction: float, max_seq_len: int, seed: int) -> list[dict]:
+               tokenizer, template: str, search_fraction: float, max_seq_len: int, seed: int,
+               answer_from: str = "gold") -> list[dict]:
     """Token ids and loss masks of one synthetic trajectory per question.
 
     Returns dicts with ``input_ids`` (prompt + response) and ``loss_mask`` (same length). An example is never
     truncated: a question whose two-search trajectory exceeds ``max_seq_len`` gets one search, and one that does
     not fit even so is skipped.
 
+    Args:
+        answer_from: ``"gold"``: every trajectory answers ``golden_answers[0]``; ``"results"``: a trajectory
+            answers the span ``answer_span`` finds in the results it has seen (its first search's, else its
+            second's), and a question whose results hold no gold answer (or that does not search) gives no example.
     Raises:
-        ValueError: no example fits ``max_seq_len``.
+        ValueError: no example fits ``max_seq_len``, or ``answer_from`` is not one of ``ANSWER_SOURCES``.
     """
+    if answer_from not in ANSWER_SOURCES:
+        raise ValueError(f"answer_from must be one of {ANSWER_SOURCES}, got {answer_from!r}")
     rng = random.Random(seed)
     searching = [q for q in questions if rng.random() < search_fraction]
     first = search_fn([q.question for q in searching]) if searching else []
@@ -51,8 +88,17 @@ def synthesize(questions: list[Question], titles: dict[str, str], search_fn: Cal
     examples = []
     for q in questions:
         plans = [2, 1] if q.id in second else [1] if q.id in results else [0]
+        answers = {n: q.golden_answers[0] for n in plans}
+        if answer_from == "results":  # the fewest searches whose results hold the answer, then longer plans
+            seen = {1: results.get(q.id, []), 2: results.get(q.id, []) + second.get(q.id, [])}
+            answers = {n: answer_span(q.golden_answers, seen[n]) for n in plans if n}
+            answers = {n: a for n, a in answers.items() if a is not None}
+            if 1 in answers:
+                answers.pop(2, None)  # the first search already holds it: no second search to teach
+            plans = [n for n in plans if n in answers]
         for searches in plans:  # the longest plan that fits: an example is never cut before its answer
-            ids, mask = _encode_example(q, searches, results, second, second_queries, tokenizer, template)
+            ids, mask = _encode_example(q, searches, results, second, second_queries, tokenizer, template,
+                                        answers[searches])
             if len(ids) <= max_seq_len:
                 examples.append({"input_ids": ids, "loss_mask": mask})
                 break
@@ -61,16 +107,16 @@ def synthesize(questions: list[Question], titles: dict[str, str], search_fn: Cal
     return examples
 
 
-def _encode_example(q, searches, results, second, second_queries, tokenizer, template):
+def _encode_example(q, searches, results, second, second_queries, tokenizer, template, answer):
     segments: list[tuple[str, int]] = []  # (text, loss mask)
     if searches:
         segments += [(THINK_FIRST + f"<search> {q.question} </search>", 1), (format_observation(results[q.id]), 0)]
         if searches == 2:
             segments += [(THINK_MORE + f"<search> {second_queries[q.id]} </search>", 1),
                          (format_observation(second[q.id]), 0)]
-        segments.append((THINK_DONE + ANSWER.format(answer=q.golden_answers[0]), 1))
+        segments.append((THINK_DONE + ANSWER.format(answer=answer), 1))
     else:
-        segments.append((THINK_DIRECT + ANSWER.format(answer=q.golden_answers[0]), 1))
+        segments.append((THINK_DIRECT + ANSWER.format(answer=answer), 1))
     ids = encode_prompt(q.question, template, tokenizer)
     mask = [0] * len(ids)
     for text, m in segments:
