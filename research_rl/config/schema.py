@@ -387,6 +387,13 @@ class WarmupConfig:
     A randomly initialised model never writes the format, so GRPO would see reward 0 everywhere. The warm-up
     trains on trajectories synthesised from training questions' gold passages and the real retriever's results,
     loss-masked exactly like RL trajectories.
+
+    ``question_share`` > 0 sets that share of ``data.train_files``' questions apart for the warm-up (a split by
+    question id, seeded by ``seed``): GRPO trains on the others only, so no GRPO prompt's answer was shown in the
+    warm-up. At 0 the warm-up synthesises from every training question, GRPO's included. ``answer_from``:
+    ``gold`` answers each trajectory with the question's first gold answer; ``results`` keeps only the
+    trajectories whose retrieved passages hold a gold answer and answers it as the passage writes it, so the model
+    learns to copy its answer out of the results instead of recalling it.
     """
 
     enabled: bool = False
@@ -396,14 +403,8 @@ class WarmupConfig:
     search_fraction: float = 1.0  # share of synthesised trajectories that search before answering
     max_seq_len: int = 1024
     seed: int = 0
-    # share of data.train_files' questions the warm-up alone uses (a split by question id, seeded by warmup.seed);
-    # GRPO trains on the others, so it never sees a question whose answer the warm-up taught. 0: the warm-up
-    # synthesises from every training question, GRPO's included
-    question_share: float = 0.0
-    # gold: each trajectory answers the question's first gold answer; results: only trajectories whose retrieved
-    # passages hold a gold answer are kept, answering it as the passage writes it (the model learns to copy the
-    # answer out of the results instead of recalling it)
-    answer_from: str = "gold"
+    question_share: float = 0.0  # training questions set apart for the warm-up, GRPO gets the rest; 0: warm-up uses all
+    answer_from: str = "gold"  # gold | results: the answer copied from a retrieved passage that holds it
 
     def __post_init__(self) -> None:
         _positive("warmup.steps", self.steps)

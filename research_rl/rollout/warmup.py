@@ -58,7 +58,7 @@ def answer_span(golds: tuple[str, ...] | list[str], passages: list[str]) -> str 
 def synthesize(questions: list[Question], titles: dict[str, str], search_fn: Callable[[list[str]], list[list[str]]],
                tokenizer, template: str, search_fraction: float, max_seq_len: int, seed: int,
                answer_from: str = "gold") -> list[dict]:
-    """Token ids and loss masks of one synthetic trajectory per question.
+    """Token ids and loss masks of synthetic trajectories (one per question with ``answer_from="gold"``).
 
     Returns dicts with ``input_ids`` (prompt + response) and ``loss_mask`` (same length). An example is never
     truncated: a question whose two-search trajectory exceeds ``max_seq_len`` gets one search, and one that does
@@ -67,7 +67,9 @@ def synthesize(questions: list[Question], titles: dict[str, str], search_fn: Cal
     Args:
         answer_from: ``"gold"``: every trajectory answers ``golden_answers[0]``; ``"results"``: a trajectory
             answers the span ``answer_span`` finds in the results it has seen (its first search's, else its
-            second's), and a question whose results hold no gold answer (or that does not search) gives no example.
+            second's), and is dropped when they hold no gold answer (as is one that does not search); each
+            searching question also gives one single-search trajectory per gold paragraph, searching its title,
+            when that search's results hold a gold answer (so up to 1 + the gold paragraphs' count per question).
     Raises:
         ValueError: no example fits ``max_seq_len``, or ``answer_from`` is not one of ``ANSWER_SOURCES``.
     """
@@ -85,38 +87,48 @@ def synthesize(questions: list[Question], titles: dict[str, str], search_fn: Cal
             second_queries[q.id] = missed[0]
     second = dict(zip(second_queries, search_fn(list(second_queries.values())))) if second_queries else {}
 
+    title_results = {}
+    if answer_from == "results":  # one more trajectory per gold paragraph: search its title, answer from it
+        title_queries = sorted({titles[i] for q in searching for i in q.supporting_ids if i in titles})
+        title_results = dict(zip(title_queries, search_fn(title_queries))) if title_queries else {}
+
     examples = []
     for q in questions:
-        plans = [2, 1] if q.id in second else [1] if q.id in results else [0]
-        answers = {n: q.golden_answers[0] for n in plans}
-        if answer_from == "results":  # the fewest searches whose results hold the answer, then longer plans
-            seen = {1: results.get(q.id, []), 2: results.get(q.id, []) + second.get(q.id, [])}
-            answers = {n: answer_span(q.golden_answers, seen[n]) for n in plans if n}
-            answers = {n: a for n, a in answers.items() if a is not None}
-            if 1 in answers:
-                answers.pop(2, None)  # the first search already holds it: no second search to teach
-            plans = [n for n in plans if n in answers]
-        for searches in plans:  # the longest plan that fits: an example is never cut before its answer
-            ids, mask = _encode_example(q, searches, results, second, second_queries, tokenizer, template,
-                                        answers[searches])
+        plans = [[(q.question, results[q.id])]] if q.id in results else [[]]
+        if q.id in second:
+            plans.insert(0, plans[0] + [(second_queries[q.id], second[q.id])])
+        answers = [q.golden_answers[0]] * len(plans)
+        if answer_from == "results":
+            answers = [answer_span(q.golden_answers, [p for _, ps in plan for p in ps]) if plan else None
+                       for plan in plans]
+            if len(plans) == 2 and answers[1] is not None:
+                plans, answers = plans[1:], answers[1:]  # the first search already holds it: no second to teach
+        kept = [(plan, a) for plan, a in zip(plans, answers) if a is not None]
+        for plan, answer in kept:  # the longest plan that fits: an example is never cut before its answer
+            ids, mask = _encode_example(q, plan, answer, tokenizer, template)
             if len(ids) <= max_seq_len:
                 examples.append({"input_ids": ids, "loss_mask": mask})
                 break
+        for title in dict.fromkeys(titles[i] for i in q.supporting_ids if i in titles and q.id in results):
+            answer = answer_span(q.golden_answers, title_results.get(title, []))
+            if answer is not None:
+                ids, mask = _encode_example(q, [(title, title_results[title])], answer, tokenizer, template)
+                if len(ids) <= max_seq_len:
+                    examples.append({"input_ids": ids, "loss_mask": mask})
     if not examples:
         raise ValueError(f"no warm-up example fits warmup.max_seq_len={max_seq_len}; raise it or lower retriever.top_k")
     return examples
 
 
-def _encode_example(q, searches, results, second, second_queries, tokenizer, template, answer):
+def _encode_example(q: Question, searches: list[tuple[str, list[str]]], answer: str, tokenizer,
+                    template: str) -> tuple[list[int], list[int]]:
+    """One trajectory's token ids and loss mask: the prompt, then for each ``(query, passages)`` a think and the
+    search call (trained) and its result block (masked), then the answer, then EOS (trained)."""
     segments: list[tuple[str, int]] = []  # (text, loss mask)
-    if searches:
-        segments += [(THINK_FIRST + f"<search> {q.question} </search>", 1), (format_observation(results[q.id]), 0)]
-        if searches == 2:
-            segments += [(THINK_MORE + f"<search> {second_queries[q.id]} </search>", 1),
-                         (format_observation(second[q.id]), 0)]
-        segments.append((THINK_DONE + ANSWER.format(answer=answer), 1))
-    else:
-        segments.append((THINK_DIRECT + ANSWER.format(answer=answer), 1))
+    for i, (query, passages) in enumerate(searches):
+        segments += [((THINK_MORE if i else THINK_FIRST) + f"<search> {query} </search>", 1),
+                     (format_observation(passages), 0)]
+    segments.append(((THINK_DONE if searches else THINK_DIRECT) + ANSWER.format(answer=answer), 1))
     ids = encode_prompt(q.question, template, tokenizer)
     mask = [0] * len(ids)
     for text, m in segments:
