@@ -8,7 +8,7 @@ root of their number; the difference's is the two errors added in quadrature (``
 
 The trajectories of one group share a prompt and a policy, so they are not independent: the standard error over
 trajectories understates the uncertainty of a quarter's mean somewhat (prompts differ in difficulty). It is the
-textbook figure, printed with that caveat in docs/observability.md; the demo's margin is checked against it and
+textbook figure, reported with that caveat in the README; the demo's margin is checked against it and
 against the relative rise, not against it alone.
 """
 
