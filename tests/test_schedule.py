@@ -69,7 +69,7 @@ def test_one_step_off_kill_and_resume_loses_and_repeats_no_prompt(debug_model_di
     the prompts of every step are the uninterrupted run's, none lost and none twice."""
     from research_rl.driver import checkpoint
 
-    extra = ("trainer.total_steps=4", "trainer.schedule=one_step_off")
+    extra = ("trainer.total_steps=4", "trainer.schedule=one_step_off", "trainer.keep_last=4")
     full = tmp_path / "uninterrupted"
     proc = _train(_overrides(debug_model_dir, bm25_index, full, train_file, *extra))
     assert proc.returncode == 0, proc.stderr[-3000:]
