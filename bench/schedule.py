@@ -28,7 +28,8 @@ step: first calls, first sync):
 - ``reward_mean`` (mean over steps of ``rollout/reward_mean``) and its standard error over steps,
   ``staleness_mean``, ``dropped_stale`` (summed);
 - ``phases``: the medians of ``timing/rollout`` (R, the driver's wait for the batch), ``timing/logprobs`` +
-  ``timing/update`` (L), ``timing/sync`` (S) and the rest of the step (O: reward, advantages, logging).
+  ``timing/update`` (L), ``timing/sync`` (S), ``timing/rollout_wait`` (W, the wait for the engines to finish
+  before the sync; 0 under sync) and the rest of the step (O: reward, advantages, logging).
 
 ``speedup_vs_sync[schedule]``: per pair, sync's ``step_s`` ÷ the schedule's; the median over pairs, with every
 pair's value and the min–max spread beside it. ``reward_delta_vs_sync``: the schedule's ``reward_mean`` − sync's,
@@ -210,13 +211,14 @@ def project_7b(recipe: dict, a: dict | None = None, splits=ROLLOUT_GPU_SPLITS) -
 
 
 def cpu_check(phases: dict, dropped_fraction: float, measured: dict) -> dict:
-    """The model fed the phase medians measured in the CPU sync runs (R, L, S, O; the CPU runs are disaggregated
-    already, so the same phases serve every schedule) and the async runs' dropped fraction, beside the measured
-    speed-ups. On CPU the engine decodes each request to its longest member, so ``R_async = R × (1 + dropped)``."""
+    """The model fed the phase medians measured in the CPU sync runs (R, L, S, O; W is 0 there; the CPU runs are
+    disaggregated already, so the same phases serve every schedule) and the async runs' dropped fraction, beside
+    the measured speed-ups. On CPU the engine decodes each request to its longest member, so no tail is saved:
+    ``R_async = R / (1 − dropped)``, the dropped trajectories' generation spent again."""
     res = step_times(phases["R"], phases["L"], phases["S"], phases["R"], phases["L"], phases["S"],
-                     R_async=phases["R"] * (1 + dropped_fraction), driver=phases["O"])
-    return {"inputs": {**phases, "dropped_fraction": dropped_fraction}, "projected": res,
-            "measured_speedup_vs_sync": measured}
+                     R_async=phases["R"] / (1 - dropped_fraction), driver=phases["O"])
+    return {"inputs": {**{k: phases[k] for k in ("R", "L", "S", "O")}, "dropped_fraction": dropped_fraction},
+            "projected": res, "measured_speedup_vs_sync": measured}
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -242,9 +244,10 @@ def run_figures(rows: list[dict], skip: int = 1, rollout_workers: int = 1) -> di
     rewards = [g(r, "rollout/reward_mean") for r in rows]
     phases = {"R": statistics.median(g(r, "timing/rollout") for r in rows),
               "L": statistics.median(g(r, "timing/logprobs") + g(r, "timing/update") for r in rows),
-              "S": statistics.median(g(r, "timing/sync") for r in rows)}
+              "S": statistics.median(g(r, "timing/sync") for r in rows),
+              "W": statistics.median(g(r, "timing/rollout_wait") for r in rows)}
     phases["O"] = max(0.0, statistics.median(g(r, "timing/step") for r in rows) - phases["R"] - phases["L"]
-                      - phases["S"])
+                      - phases["S"] - phases["W"])
     out = {"steps": len(rows), "first_step": rows[0]["step"], "wall_s": wall,
            "step_s": statistics.median(g(r, "timing/step") for r in rows),
            "step_s_mean": wall / len(rows),
@@ -331,7 +334,7 @@ def aggregate(runs: list[dict]) -> dict:
                          else None)
         per[s] = {k: med(k) for k in ("step_s", "step_s_mean", "tokens_per_s", "rollout_idle", "learner_idle",
                                       "reward_mean", "staleness_mean", "dropped_stale")}
-        per[s]["phases"] = {k: statistics.median(r["phases"][k] for r in rs) for k in ("R", "L", "S", "O")}
+        per[s]["phases"] = {k: statistics.median(r["phases"][k] for r in rs) for k in ("R", "L", "S", "W", "O")}
         per[s]["runs"] = len(rs)
     pairs = sorted({r["pair"] for r in runs})
     by = {(r["pair"], r["schedule"]): r for r in runs}
@@ -383,7 +386,8 @@ def print_simulation(sim: dict) -> None:
     sp = p["sync_phases"]
     print(f"  sync, colocated on {rec['gpus']}: R {sp['R']:.1f} s + L {sp['L']:.1f} s + S {sp['S']:.1f} s + "
           f"handover {sp['handover']:.1f} s + driver {sp['driver']:.1f} s")
-    print("| rollout GPUs | learner GPUs | R s | R_async s | async dropped tokens | L s | S s | sync s/step | one_step_off s/step | "
+    print("| rollout GPUs | learner GPUs | R s | R_async s | async dropped tokens | L s | S s | sync s/step | "
+          "one_step_off s/step | "
           "async s/step | one_step_off × | async × |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in p["splits"]:

@@ -151,7 +151,7 @@ def test_schedule_7b_projection_from_the_recipe():
     assert rec["trajectories"] == 256 * 5 and rec["gpus"] == 64 and rec["max_response_len"] == 8192
     a = {k: v for k, (v, _) in sch.ASSUMPTIONS_7B.items()}
     p = sch.project_7b(rec)
-    # learner: 1,280 × 2,700 tokens × 10 N FLOP over 64 GPUs at 30% of 989 TFLOP/s ≈ 13.9 s (docs/reproducing.md: 14 s)
+    # learner: 1,280 × 2,700 tokens × 10 N FLOP on 64 GPUs at 30% of 989 TFLOP/s ≈ 13.9 s (docs/reproducing.md)
     assert p["sync_phases"]["L"] == pytest.approx(1280 * 2700 * 10 * 7.62e9 / (64 * 989e12 * 0.3))
     # rollout: the longest trajectory's decode steps at 20 sequences per engine
     assert p["sync_phases"]["R"] == pytest.approx(5000 * (0.007 + 20 * 6e-5))
@@ -185,7 +185,7 @@ def test_schedule_figures_from_metrics_jsonl(tmp_path):
     assert f["step_s"] == pytest.approx(2.0) and f["tokens_per_s"] == pytest.approx(50.0)
     assert f["rollout_idle"] == pytest.approx(1 - 4.5 / 6.0) and f["learner_idle"] == pytest.approx(0.5)
     assert f["reward_mean"] == pytest.approx(0.3) and f["dropped_stale"] == 3 and f["missing_keys"] == []
-    assert f["phases"] == pytest.approx({"R": 1.0, "L": 0.75, "S": 0.25, "O": 0.0})
+    assert f["phases"] == pytest.approx({"R": 1.0, "L": 0.75, "S": 0.25, "W": 0.0, "O": 0.0})
     with pytest.raises(ValueError):
         sch.run_figures(steps, skip=4)
     # pairs: sync's s/step ÷ the schedule's, per pair
