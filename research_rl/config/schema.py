@@ -738,8 +738,9 @@ def validate(cfg: Config) -> Config:
     if schedule != "sync":
         if cfg.learner.offload != "none":
             raise ConfigError("learner.offload", f"trainer.schedule={schedule} trains while the engines generate; "
-                              "learner.offload hands the learner's GPU memory to the engines during the rollout, "
-                              "which would then be never: set learner.offload=none or trainer.schedule=sync")
+                              "learner.offload moves the learner's state off the GPU for each rollout, while the "
+                              "learner would be training: set learner.offload=none (disaggregated placement gives "
+                              "each role its own GPUs) or trainer.schedule=sync")
         if cfg.placement.mode == "colocated" and cfg.placement.gpus_per_node > 0:
             raise ConfigError("trainer.schedule", f"{schedule} overlaps rollout and training, which colocated "
                               "placement runs on the same GPUs one after the other: use "

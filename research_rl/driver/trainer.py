@@ -424,6 +424,7 @@ class GRPOTrainer:
                 metrics.update(val)
                 s.record_validation(s.step, val)
                 new_best = self._is_new_best(val)
+                self.rollout_busy = self._rollout_busy()  # the next step's figures count training rollouts only
         self.logger.log(s.step, metrics)
         with self._phase("checkpoint"):
             if cfg.trainer.save_every and s.step % cfg.trainer.save_every == 0:
