@@ -38,7 +38,11 @@ per pair, and whether the mean delta is within two standard errors (``goals``).
 ``simulation`` (also ``--simulate-only``, which runs nothing): ``step_times`` is the model, ``project_7b`` applies
 it to the 7B recipe (``conf/experiment/research_qwen2.5_7b_instruct.yaml``: batch, group size, lengths, GPUs) with
 the throughput assumptions in ``ASSUMPTIONS_7B`` (each sourced or labelled), and ``cpu_check`` feeds it the phase
-times measured in the sync runs here and sets its projection beside the measured speed-ups.
+times measured in the sync runs here and sets its projection beside the measured speed-ups; ``with_own_phases``
+feeds it each overlapping schedule's own phase times instead (the rollout workers' busy seconds per step as R), which
+shows how much of a gap is the roles slowing each other down when they run at once. A second table prints the
+phases per schedule (``phases`` and the busy seconds per step). ``--reanalyze OLD.json`` recomputes every figure
+from the run directories a previous result names.
 
     RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/schedule.py \\
         --steps 12 --pairs 2 --json schedule.json
@@ -260,6 +264,9 @@ def run_figures(rows: list[dict], skip: int = 1, rollout_workers: int = 1) -> di
            "reward_sem": statistics.stdev(rewards) / math.sqrt(len(rewards)) if len(rewards) > 1 else 0.0,
            "staleness_mean": statistics.fmean(g(r, "rollout/staleness_mean") for r in rows),
            "dropped_stale": sum(g(r, "rollout/dropped_stale") for r in rows),
+           "learner_busy_per_step": busy_learner / len(rows),
+           "rollout_busy_per_step": (sum(g(r, "timing/rollout_busy") for r in rows) / len(rows)
+                                     if "timing/rollout_busy" not in missing else None),
            "phases": phases, "missing_keys": missing}
     return out
 
@@ -333,7 +340,8 @@ def aggregate(runs: list[dict]) -> dict:
         med = lambda k: (statistics.median(r[k] for r in rs) if all(r[k] is not None for r in rs)  # noqa: E731
                          else None)
         per[s] = {k: med(k) for k in ("step_s", "step_s_mean", "tokens_per_s", "rollout_idle", "learner_idle",
-                                      "reward_mean", "staleness_mean", "dropped_stale")}
+                                      "reward_mean", "staleness_mean", "dropped_stale", "learner_busy_per_step",
+                                      "rollout_busy_per_step")}
         per[s]["phases"] = {k: statistics.median(r["phases"][k] for r in rs) for k in ("R", "L", "S", "W", "O")}
         per[s]["runs"] = len(rs)
     pairs = sorted({r["pair"] for r in runs})
@@ -370,6 +378,15 @@ def print_table(agg: dict) -> None:
         print(f"| {s} | {m['step_s']:.2f} | {_f(m['tokens_per_s'], '.0f')} | {_f(m['rollout_idle'])} | "
               f"{_f(m['learner_idle'])} | {m['reward_mean']:.3f} | {_f(m['staleness_mean'])} | "
               f"{_f(m['dropped_stale'], '.0f')} | {sp} |")
+    print("\nWhere the time goes (medians over runs, seconds per step): R = wait for the batch, L = logprobs + "
+          "update, S = sync, W = wait for the engines before the sync, O = the rest; busy = each role's working "
+          "seconds per step")
+    print("| schedule | R | L | S | W | O | learner busy | rollout busy |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for s, m in agg["per_schedule"].items():
+        ph = m["phases"]
+        print(f"| {s} | {ph['R']:.2f} | {ph['L']:.2f} | {ph['S']:.2f} | {ph['W']:.2f} | {ph['O']:.2f} | "
+              f"{m['learner_busy_per_step']:.2f} | {_f(m['rollout_busy_per_step'])} |")
     for s, d in agg["reward_delta_vs_sync"].items():
         print(f"reward {s} − sync: {d['mean']:+.3f} ± {d['sem']:.3f} (per pair "
               + ", ".join(f"{x:+.3f}" for x in d["per_pair"]) + f"); within 2 s.e.: {d['within_2_sem']}")
@@ -405,6 +422,10 @@ def print_simulation(sim: dict) -> None:
             m = c["measured_speedup_vs_sync"].get(s)
             print(f"  {s}: projected {pr['step_s'][s]:.2f} s/step, {pr['speedup_vs_sync'][s]:.2f}× sync; "
                   f"measured {_f(m)}×")
+        for s, o in c.get("with_own_phases", {}).items():
+            print(f"  {s} with its own phases (rollout busy {o['R_busy']:.2f} s = {o['R_busy_over_sync_R']:.2f}× "
+                  f"sync's R, L {o['L']:.2f} s = {o['L_over_sync_L']:.2f}× sync's L, S {o['S']:.2f}, O {o['O']:.2f}): "
+                  f"{o['step_s']:.2f} s/step, {o['speedup_vs_sync']:.2f}× sync")
 
 
 def simulation(runs: list[dict] | None, agg: dict | None) -> dict:
@@ -417,6 +438,19 @@ def simulation(runs: list[dict] | None, agg: dict | None) -> dict:
         trained = sum(r["steps"] * r["trajectories"] for r in a_runs)
         frac = dropped / (dropped + trained) if dropped + trained else 0.0
         sim["cpu_check"] = cpu_check(agg["per_schedule"]["sync"]["phases"], frac, agg["speedup_vs_sync"])
+        # the same model fed each overlapping schedule's own phases (the rollout workers' busy seconds per step as
+        # R, its own L, S, O): what the overlap gives once the slow-down of running both roles at once is counted
+        ps, own = agg["per_schedule"], {}
+        for k in ("one_step_off", "async"):
+            if k in ps and ps[k]["rollout_busy_per_step"] is not None:
+                m, base = ps[k]["phases"], ps["sync"]["phases"]
+                r = step_times(base["R"], base["L"], base["S"], ps[k]["rollout_busy_per_step"], m["L"], m["S"],
+                               driver=m["O"])
+                own[k] = {"R_busy": ps[k]["rollout_busy_per_step"], "L": m["L"], "S": m["S"], "O": m["O"],
+                          "step_s": r["step_s"][k], "speedup_vs_sync": r["speedup_vs_sync"][k],
+                          "L_over_sync_L": m["L"] / base["L"] if base["L"] else None,
+                          "R_busy_over_sync_R": ps[k]["rollout_busy_per_step"] / base["R"] if base["R"] else None}
+        sim["cpu_check"]["with_own_phases"] = own
     return sim
 
 
@@ -443,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="run directories (default: a fresh directory under outputs/)")
     p.add_argument("--run-timeout", type=float, default=900, help="seconds per training run")
     p.add_argument("--simulate-only", action="store_true", help="print and write the 7B projection, run nothing")
+    p.add_argument("--reanalyze", default=None, metavar="JSON",
+                   help="recompute every figure from the run directories a previous --json names, run nothing")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.pairs, args.prompts, args.group_size = 3, 1, 2, 2
@@ -450,8 +486,20 @@ def main(argv: list[str] | None = None) -> int:
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "arguments": sys.argv[1:] if argv is None else argv,
               "uptime_before": uptime()}
     runs: list[dict] = []
-    agg = None
-    if not args.simulate_only:
+    agg = uptime_after = None
+    if args.reanalyze:
+        old = json.loads(Path(args.reanalyze).read_text())
+        for k in ("date", "arguments", "uptime_before", "setting"):
+            result[k] = old.get(k)
+        result["reanalyzed"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        for r in old["runs"]:
+            fig = run_figures(read_steps(Path(r["run_dir"])), old["setting"]["skip"], args.rollout_workers)
+            runs.append({**{k: r[k] for k in r if k not in fig}, **fig})
+        agg = aggregate(runs)
+        result.update(agg)
+        print_table(agg)
+        uptime_after = old.get("uptime_after")
+    elif not args.simulate_only:
         schedules = [s for s in args.schedules.split(",") if s]
         bad = set(schedules) - set(SCHEDULES)
         if bad:
@@ -481,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(agg)
     result["runs"] = runs
     result["simulation"] = simulation(runs, agg)
-    result["uptime_after"] = uptime()
+    result["uptime_after"] = uptime_after if args.reanalyze else uptime()
     print_simulation(result["simulation"])
     print(f"\nuptime before: {result['uptime_before']}\nuptime after:  {result['uptime_after']}")
     Path(args.json).write_text(json.dumps(result, indent=2))
