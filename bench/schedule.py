@@ -483,8 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.steps, args.pairs, args.prompts, args.group_size = 3, 1, 2, 2
         args.max_response_len, args.micro_batch_size = 256, 4
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "arguments": sys.argv[1:] if argv is None else argv,
-              "uptime_before": uptime()}
+              "commit": head, "uptime_before": uptime()}
     runs: list[dict] = []
     agg = uptime_after = None
     if args.reanalyze:
