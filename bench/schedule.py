@@ -5,13 +5,13 @@ commands).
 
 Each run is ``python -m research_rl.train experiment=debug_cpu`` in a subprocess, disaggregated on CPU: a custom Ray
 resource ``fake_gpu`` (2 per node, declared by ``research_rl.driver.trainer.start_ray``) stands in for GPUs, the
-learner holds one and the rollout worker the other, each with one torch thread, so on the 2-core machine each role
-has its own core. Validation and periodic checkpoints are off (``validation.every=0``, ``trainer.save_every=0``;
+learner holds one and the rollout worker the other, each with one torch thread, so on an idle 2-core machine each
+role can have a core of its own (Ray does not pin cores: the OS schedules the processes, with whatever else runs). Validation and periodic checkpoints are off (``validation.every=0``, ``trainer.save_every=0``;
 the trainer's last checkpoint, after the last step, is not timed). Every run starts from one warmed-up policy: the
 debug supervised warm-up (``research_rl.rollout.warmup`` via ``bench/rollout.py``'s ``warm_up``, 150 steps, ~3 min)
 is run once into ``--warm-model`` (shared with ``bench/rollout.py`` and ``bench/compare_trl.py``) and each run sets
-``warmup.enabled=false``, so the warm-up is outside every timed figure. ``--quick`` uses the plain debug model when
-no warm model exists yet.
+``warmup.enabled=false``, so the warm-up is outside every timed figure. ``--quick`` (a check that the script runs):
+1 pair of 3 steps × 2 prompts × group 2, a 256-token budget, and the plain debug model when no warm model exists.
 
 Runs are paired: pair ``i`` runs sync, one_step_off and async back to back with ``trainer.seed = --seed + i`` (the
 same prompts and sampling seeds within a pair), in the order sync, one_step_off, async for even pairs and reversed
@@ -45,7 +45,7 @@ phases per schedule (``phases`` and the busy seconds per step). ``--reanalyze OL
 from the run directories a previous result names.
 
     RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/schedule.py \\
-        --steps 12 --pairs 2 --json schedule.json
+        --steps 10 --pairs 2 --json schedule.json
 """
 
 from __future__ import annotations
