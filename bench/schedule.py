@@ -6,8 +6,9 @@ commands).
 Each run is ``python -m research_rl.train experiment=debug_cpu`` in a subprocess, disaggregated on CPU: a custom Ray
 resource ``fake_gpu`` (2 per node, declared by ``research_rl.driver.trainer.start_ray``) stands in for GPUs, the
 learner holds one and the rollout worker the other, each with one torch thread, so on an idle 2-core machine each
-role can have a core of its own (Ray does not pin cores: the OS schedules the processes, with whatever else runs). Validation and periodic checkpoints are off (``validation.every=0``, ``trainer.save_every=0``;
-the trainer's last checkpoint, after the last step, is not timed). Every run starts from one warmed-up policy: the
+role can have a core of its own (Ray does not pin cores: the OS schedules the processes, with whatever else runs).
+Validation and periodic checkpoints are off (``validation.every=0``, ``trainer.save_every=0``; the trainer's last
+checkpoint, after the last step, is not timed). Every run starts from one warmed-up policy: the
 debug supervised warm-up (``research_rl.rollout.warmup`` via ``bench/rollout.py``'s ``warm_up``, 150 steps, ~3 min)
 is run once into ``--warm-model`` (shared with ``bench/rollout.py`` and ``bench/compare_trl.py``) and each run sets
 ``warmup.enabled=false``, so the warm-up is outside every timed figure. ``--quick`` (a check that the script runs):
