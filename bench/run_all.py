@@ -8,7 +8,9 @@ Runs, each as a subprocess with its own ``--json`` output (their printed tables 
   script starts (``python -m retriever_service.serve`` on a free loopback port) and stops;
 - ``compare_trl``: ``bench/compare_trl.py`` (research-rl against TRL's GRPOTrainer) with ``.venv-trl/bin/python``,
   only when that venv exists (``make install-trl``); otherwise recorded as skipped;
-- ``weight_sync``: ``bench/weight_sync.py`` on the debug model, every transport and the legacy object-store sync.
+- ``weight_sync``: ``bench/weight_sync.py`` on the debug model, every transport and the legacy object-store sync;
+- ``schedule``: ``bench/schedule.py --quick``, training schedules sync, one_step_off and async on the debug
+  experiment (rollout and learner on separate cores), and its 7B projection.
 
 ``--full`` drops the quick settings and runs each script at its own defaults (far longer). The report records the
 commit (``git rev-parse HEAD`` and whether the tree was dirty), every command line, the machine (CPU model, cores,
@@ -17,7 +19,7 @@ A benchmark that fails is recorded with its exit status and log tail; the others
 then. Run from the repository root with the project's venv::
 
     RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/run_all.py \\
-        [--out outputs/bench] [--only retriever,learner,rollout,compare_trl,weight_sync] [--full]
+        [--out outputs/bench] [--only retriever,learner,rollout,compare_trl,weight_sync,schedule] [--full]
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ("retriever", "learner", "rollout", "compare_trl", "weight_sync")
+NAMES = ("retriever", "learner", "rollout", "compare_trl", "weight_sync", "schedule")
 TRL_PYTHON = ROOT / ".venv-trl/bin/python"
 WARM_MODEL = ROOT / "artifacts/bench_warm_model"  # shared by rollout and compare_trl (built by the first to need it)
 
@@ -47,6 +49,7 @@ QUICK = {
                 "--max-response-len", "1024"],
     "compare_trl": ["--steps", "4", "--pairs", "2"],
     "weight_sync": ["--preset", "debug", "--repeats", "3"],
+    "schedule": ["--quick"],
 }
 
 
@@ -130,7 +133,7 @@ def run_one(name: str, args, out: Path) -> dict:
             return {"status": "skipped", "reason": f"{TRL_PYTHON.relative_to(ROOT)} not found (make install-trl)"}
         python = str(TRL_PYTHON)
         extra = [*extra, "--warm-model", str(WARM_MODEL), "--index", args.index]
-    if name == "retriever":
+    if name in ("retriever", "schedule"):
         extra = [*extra, "--index", args.index]
     if name == "rollout":
         url = f"http://127.0.0.1:{_free_port()}"
@@ -228,6 +231,15 @@ def markdown(report: dict) -> str:
             lines.append(f"| {row['transport']} | {row['wire_dtype']} | {row['seconds']:.3f} | {row['bytes']:.0f} | "
                          f"{row['params']} | {row['peak_rss_bytes'] / 2**20:.0f} | "
                          f"{r['speedup_vs_legacy'].get(row['transport'], 1.0):.2f} |")
+    r = b.get("schedule", {}).get("result")
+    if r and r.get("per_schedule"):
+        lines += ["", "## Training schedules (debug experiment, rollout and learner on separate cores)", "",
+                  "| schedule | s/step | generated tokens/s | rollout idle | learner idle | reward mean | "
+                  "speedup vs sync |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, m in r["per_schedule"].items():
+            lines.append(f"| {name} | {m['step_s']:.2f} | {_fmt(m['tokens_per_s'], '.0f')} | "
+                         f"{_fmt(m['rollout_idle'])} | {_fmt(m['learner_idle'])} | {m['reward_mean']:.3f} | "
+                         f"{r['speedup_vs_sync'].get(name, 1.0):.2f} |")
     return "\n".join(lines) + "\n"
 
 

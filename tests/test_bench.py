@@ -8,6 +8,7 @@ the GPU check's CPU smoke mode (with Ray, Hydra, vLLM and pyserini made unimport
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -113,3 +114,83 @@ def test_gpu_check_smoke_runs_with_torch_and_transformers_only(tmp_path):
     assert result["probe_sharpened"]["engine_logit_std"] > 2 * result["probe"]["engine_logit_std"]
     step = result["fsdp2_step"]
     assert step["ok"] is True and step["backend"] == "gloo" and step["max_param_change"] > 0
+
+
+def _schedule_module():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import schedule
+    finally:
+        sys.path.pop(0)
+    return schedule
+
+
+@pytest.mark.unit
+def test_schedule_model_overlap_arithmetic():
+    st = _schedule_module().step_times
+    # R = L, nothing else: overlapping rollout and training halves the step
+    r = st(1.0, 1.0, 0.0, 1.0, 1.0, 0.0)
+    assert r["step_s"] == {"sync": 2.0, "one_step_off": 1.0, "async": 1.0}
+    assert r["speedup_vs_sync"]["one_step_off"] == pytest.approx(2.0)
+    # no learner time: nothing to hide the rollout behind
+    assert st(3.0, 0.0, 0.0, 3.0, 0.0, 0.0)["speedup_vs_sync"]["one_step_off"] == pytest.approx(1.0)
+    # the sync and the driver's work stay on the critical path; the overlap hides the shorter of R and L
+    r = st(4.0, 2.0, 1.0, 4.0, 2.0, 1.0, driver=1.0)
+    assert r["step_s"]["sync"] == pytest.approx(8.0) and r["step_s"]["one_step_off"] == pytest.approx(5.0)
+    # async: a streaming rollout shorter than the learner's path leaves the learner's path plus the drain
+    r = st(4.0, 2.0, 1.0, 4.0, 2.0, 1.0, R_async=1.5, drain=0.5)
+    assert r["step_s"]["async"] == pytest.approx(2.5) and r["speedup_vs_sync"]["async"] == pytest.approx(7.0 / 2.5)
+    with pytest.raises(ValueError):
+        st(1.0, -1.0, 0.0, 1.0, 1.0, 0.0)
+
+
+@pytest.mark.unit
+def test_schedule_7b_projection_from_the_recipe():
+    sch = _schedule_module()
+    rec = sch.recipe_7b()
+    assert rec["trajectories"] == 256 * 5 and rec["gpus"] == 64 and rec["max_response_len"] == 8192
+    a = {k: v for k, (v, _) in sch.ASSUMPTIONS_7B.items()}
+    p = sch.project_7b(rec)
+    # learner: 1,280 × 2,700 tokens × 10 N FLOP on 64 GPUs at 30% of 989 TFLOP/s ≈ 13.9 s (docs/reproducing.md)
+    assert p["sync_phases"]["L"] == pytest.approx(1280 * 2700 * 10 * 7.62e9 / (64 * 989e12 * 0.3))
+    # rollout: the longest trajectory's decode steps at 20 sequences per engine
+    assert p["sync_phases"]["R"] == pytest.approx(5000 * (0.007 + 20 * 6e-5))
+    half = next(r for r in p["splits"] if r["rollout_gpus"] == 32)
+    assert half["L"] == pytest.approx(2 * p["sync_phases"]["L"])
+    # the async fixed point: the dropped share is the exponential tail's token share beyond the staleness cut
+    tb = 0.007 + 40 * 6e-5
+    c = (a["max_staleness"] + 1) * half["step_s"]["async"] / tb / a["generated_tokens_mean"]
+    assert half["async_dropped_token_share"] == pytest.approx((1 + c) * math.exp(-c), rel=1e-3)
+    assert half["R_async"] == pytest.approx(1000 * tb / (1 - half["async_dropped_token_share"]))
+    assert all(r["learner_gpus"] >= a["min_learner_gpus"] for r in p["splits"])
+    best = p["speedup_vs_sync_best_split"]["async"]
+    assert best["speedup"] == max(r["speedup_vs_sync"]["async"] for r in p["splits"])
+
+
+@pytest.mark.unit
+def test_schedule_figures_from_metrics_jsonl(tmp_path):
+    sch = _schedule_module()
+    rows = [{"step": 0, "warmup/nll": 1.0}]
+    for s in range(1, 5):
+        rows.append({"step": s, "timing/step": 10.0 if s == 1 else 2.0, "timing/rollout": 1.0,
+                     "timing/logprobs": 0.25, "timing/update": 0.5, "timing/sync": 0.25,
+                     "timing/rollout_busy": 1.5, "rollout/generated_tokens": 100, "rollout/reward_mean": 0.1 * s,
+                     "rollout/staleness_mean": 0.5, "rollout/dropped_stale": 1})
+    rows.append({"step": 4, "val/em": 0.0})  # a later row of the same step is merged into it
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    steps = sch.read_steps(tmp_path)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and steps[-1]["val/em"] == 0.0
+    f = sch.run_figures(steps, skip=1, rollout_workers=1)
+    assert f["steps"] == 3 and f["first_step"] == 2 and f["wall_s"] == pytest.approx(6.0)
+    assert f["step_s"] == pytest.approx(2.0) and f["tokens_per_s"] == pytest.approx(50.0)
+    assert f["rollout_idle"] == pytest.approx(1 - 4.5 / 6.0) and f["learner_idle"] == pytest.approx(0.5)
+    assert f["reward_mean"] == pytest.approx(0.3) and f["dropped_stale"] == 3 and f["missing_keys"] == []
+    assert f["phases"] == pytest.approx({"R": 1.0, "L": 0.75, "S": 0.25, "W": 0.0, "O": 0.0})
+    with pytest.raises(ValueError):
+        sch.run_figures(steps, skip=4)
+    # pairs: sync's s/step ÷ the schedule's, per pair
+    runs = [{**f, "schedule": "sync", "pair": 0}, {**f, "schedule": "one_step_off", "pair": 0, "step_s": 1.0},
+            {**f, "schedule": "async", "pair": 0, "step_s": 0.8}]
+    agg = sch.aggregate(runs)
+    assert agg["speedup_vs_sync"] == pytest.approx({"one_step_off": 2.0, "async": 2.5})
+    assert agg["goals"] == {"one_step_off_1.4x_sync": True, "async_1.6x_sync": True}  # equal rewards

@@ -8,7 +8,7 @@ import pytest
 
 from research_rl.config.compose import CONF_DIR, compose_config
 from research_rl.config.preflight import check_config
-from research_rl.config.schema import Config, ConfigError
+from research_rl.config.schema import Config, ConfigError, rollout_is_mode
 
 pytestmark = pytest.mark.unit
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -62,20 +62,33 @@ def test_paper_settings_in_7b_experiment():
     ("rollout.vllm_max_model_len=1000", "rollout.vllm_max_model_len"),  # < max_prompt_len + max_response_len
     ("rollout.engine=vllm", "rollout.num_gpus_per_worker"),  # vLLM runs on GPUs
     ("algo.rollout_is=sequence", "algo.rollout_is"),
+    ("trainer.schedule=pipelined", "trainer.schedule"),
+    ("trainer.max_staleness=-1", "trainer.max_staleness"),
+    ("trainer.async_groups_per_request=0", "trainer.async_groups_per_request"),
+    ("trainer.schedule=async trainer.async_groups_per_request=3", "trainer.async_groups_per_request"),
+    ("trainer.schedule=one_step_off learner.offload=optimizer", "learner.offload"),
+    ("trainer.schedule=one_step_off rollout.temperature=0", "algo.rollout_is"),  # auto: tis needs sampling
+    ("trainer.schedule=async placement.gpus_per_node=2 rollout.num_gpus_per_worker=1", "trainer.schedule"),
     ("algo.rollout_is_cap=0.5", "algo.rollout_is_cap"),  # a cap below 1 shrinks even matching tokens
     ("algo.rollout_is_cap=inf", "algo.rollout_is_cap"),
 ])
 def test_bad_override_names_the_key(override, key):
     with pytest.raises(ConfigError) as e:
-        check_config(compose_config(["experiment=debug_cpu", override]))
+        check_config(compose_config(["experiment=debug_cpu", *override.split()]))
     assert key in str(e.value)
 
 
 def test_rollout_is_keys():
-    """Off by default with verl's cap; ``tis`` composes with a cap of choice, and is refused with greedy training
-    rollouts (temperature 0: the engine reports no log-probs), naming the key."""
+    """``auto`` by default with verl's cap, which is off under the sync schedule and TIS under the overlapping ones;
+    ``tis`` composes with a cap of choice, and is refused with greedy training rollouts (temperature 0: the engine
+    reports no log-probs), naming the key."""
     cfg = compose_config(["experiment=debug_cpu"])
-    assert (cfg.algo.rollout_is, cfg.algo.rollout_is_cap) == ("none", 2.0)
+    assert (cfg.algo.rollout_is, cfg.algo.rollout_is_cap) == ("auto", 2.0)
+    assert rollout_is_mode(cfg) == "none"
+    for schedule in ("one_step_off", "async"):
+        assert rollout_is_mode(compose_config(["experiment=debug_cpu", f"trainer.schedule={schedule}"])) == "tis"
+    assert rollout_is_mode(compose_config(["experiment=debug_cpu", "trainer.schedule=async",
+                                           "algo.rollout_is=none"])) == "none"
     cfg = compose_config(["experiment=debug_cpu", "algo.rollout_is=tis", "algo.rollout_is_cap=5"])
     assert (cfg.algo.rollout_is, cfg.algo.rollout_is_cap) == ("tis", 5.0)
     check_config(cfg)

@@ -128,6 +128,9 @@ def _driver_roles(ray):
             return [Trajectory(list(p), response_ids=[7, 8, 9], loss_mask=[1, 1, 1], finish_reason="eos",
                                response_text="<answer> \\boxed{x} </answer>") for p in prompts]
 
+        def busy(self):
+            return {"busy_s": 0.0, "generated_tokens": 0}
+
     @ray.remote(num_cpus=0)
     class Learner:
         def __init__(self, rank):

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from research_rl.algo import grpo
 from research_rl.algo.grpo import (
     GRPOLossOutput,
     broadcast_advantages,
@@ -567,3 +568,30 @@ def test_token_mean_global_count_sums_to_full_batch():
     full = token_mean(loss, mask)
     parts = sum(token_mean(loss[i : i + 3], mask[i : i + 3], num_tokens=mask.sum()) for i in range(0, 8, 3))
     torch.testing.assert_close(parts, full)
+
+
+def test_decoupled_ppo_objective_for_stale_rollouts_hand_computed():
+    """The stale-rollout correction of ``trainer.schedule=one_step_off`` / ``async``: AReaL's decoupled PPO objective
+    (Fu et al., arXiv 2505.24298, eq. 5), ``J = E[ π_prox/π_behav · min(u A, clip(u, 1-ε, 1+ε) A) ]`` with
+    ``u = π_θ/π_prox``, as the learner computes it: ``old_log_probs`` = the proximal policy (the learner's weights
+    before the update), ``is_weights = tis_weights(prox, behav, C)`` (the behaviour weight, truncated at C).
+
+    One trajectory, two tokens, A = +1, ε = 0.2, C = 2:
+      π_behav = (0.5, 0.2)  (the engine's, one policy version old)
+      π_prox  = (0.6, 0.1)  → w = min(π_prox/π_behav, 2) = (1.2, 0.5)
+      π_θ     = (0.9, 0.1)  → u = (1.5, 1.0); min(u, clip(u)) = (1.2, 1.0)
+      J = (1.2·1.2 + 0.5·1.0) / 2 = 0.97, loss = -0.97.
+    Gradient w.r.t. log π_θ: token 1 is clipped (u = 1.5 > 1.2 with A > 0), so 0; token 2: -w·u / 2 = -0.25.
+    A third, stale token whose behaviour probability is 0.01 against the proximal 0.5 would weigh 50: C caps it
+    at 2 (checked on ``tis_weights`` alone)."""
+    behav = torch.tensor([[0.5, 0.2]]).log()
+    prox = torch.tensor([[0.6, 0.1]]).log()
+    theta = torch.tensor([[0.9, 0.1]]).log().requires_grad_(True)
+    w = grpo.tis_weights(prox, behav, cap=2.0)
+    assert torch.allclose(w, torch.tensor([[1.2, 0.5]]))
+    out = grpo.grpo_loss(theta, prox, None, torch.ones(1, 2), torch.ones(1, 2), None, clip_eps=0.2, kl_coef=0.0,
+                         entropy_coef=0.0, is_weights=w)
+    assert out.loss.item() == pytest.approx(-0.97, abs=1e-6)
+    out.loss.backward()
+    assert torch.allclose(theta.grad, torch.tensor([[0.0, -0.25]]), atol=1e-6)
+    assert grpo.tis_weights(torch.tensor([0.5]).log(), torch.tensor([0.01]).log(), cap=2.0).item() == 2.0

@@ -1,5 +1,7 @@
 """Learning signal through the full pipeline: with a shaped reward (1 for a well-formed search call),
-GRPO raises the mean reward within a bounded number of steps, and does NOT when weight sync is skipped.
+GRPO raises the mean reward within a bounded number of steps, under each training schedule (``sync``,
+``one_step_off``, ``async`` with ``max_staleness=1``: the overlapping ones train on rollouts one policy version old,
+corrected by TIS), and does NOT when weight sync is skipped.
 
 This checks the loss sign, the advantages and the weight sync together: with the sync off, rollouts keep coming
 from the initial policy, so their reward cannot rise, however well the learner optimises.
@@ -23,24 +25,33 @@ def _rewards(run_dir) -> list[float]:
     return [r["rollout/reward_mean"] for r in rows if "rollout/reward_mean" in r]
 
 
-def _run(model_dir, index_dir, run_dir, sync: bool, steps: int) -> list[float]:
+def _run(model_dir, index_dir, run_dir, sync: bool, steps: int, schedule: str = "sync") -> list[float]:
     overrides = tiny_overrides(model_dir, index_dir, run_dir) + [
         "reward.kind=search_format", f"trainer.total_steps={steps}", "trainer.prompts_per_step=8",
         "rollout.group_size=4", "rollout.max_response_len=448", "rollout.max_turns=1", "retriever.top_k=1",
         "warmup.steps=80", "warmup.batch_size=8", "warmup.search_fraction=0.5", "warmup.lr=3e-3",
         "learner.lr=5e-4", "learner.micro_batch_size=32", "algo.kl_coef=0.05", "algo.entropy_coef=0",
         "validation.every=0", "trainer.save_every=0", f"trainer.weight_sync={str(sync).lower()}",
-        "rollout.mode=turn_sync"]  # the first steps of both runs must match exactly: batches fixed by the turn
+        "rollout.mode=turn_sync",  # the first steps of both runs must match exactly: batches fixed by the turn
+        f"trainer.schedule={schedule}", "trainer.max_staleness=1"]
     proc = _train(overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return _rewards(run_dir)
 
 
-def test_grpo_raises_shaped_reward_only_with_weight_sync(debug_model_dir, bm25_index, tmp_path):
-    synced = _run(debug_model_dir, bm25_index, tmp_path / "sync", sync=True, steps=STEPS)
-    frozen = _run(debug_model_dir, bm25_index, tmp_path / "nosync", sync=False, steps=CONTROL_STEPS)
-    print("with sync:", synced, "\nwithout sync:", frozen)
-    assert synced[0] == frozen[0], "both runs start from the same policy, seed and prompts"
+@pytest.fixture(scope="module")
+def frozen(debug_model_dir, bm25_index, tmp_path_factory) -> list[float]:
+    """The control: the same run without weight sync (rollouts from the initial policy at every step)."""
+    return _run(debug_model_dir, bm25_index, tmp_path_factory.mktemp("learning") / "nosync", sync=False,
+                steps=CONTROL_STEPS)
+
+
+@pytest.mark.parametrize("schedule", ["sync", "one_step_off", "async"])
+def test_grpo_raises_shaped_reward_only_with_weight_sync(debug_model_dir, bm25_index, tmp_path, frozen, schedule):
+    synced = _run(debug_model_dir, bm25_index, tmp_path / "sync", sync=True, steps=STEPS, schedule=schedule)
+    print(f"with sync ({schedule}):", synced, "\nwithout sync:", frozen)
+    if schedule != "async":  # async draws its requests' seeds from their own sequence
+        assert synced[0] == frozen[0], "both runs start from the same policy, seed and prompts"
     # The run without sync samples the initial policy at every step, so its mean is the starting reward.
     # 32 trajectories per step: a 5-step mean has std <= 0.04, an 8-step mean <= 0.03, their difference <= 0.05.
     # This test's run (pytest -s prints both lists): 0.16 for the initial policy, 0.46 over the last 5 steps.

@@ -43,11 +43,12 @@ def vllm_sleep_level(cfg: Config) -> int:
     the learner needs the GPU memory during the update and the next sync rewrites every weight (level 1 would copy
     the weights to pinned host memory only to overwrite them; verl sleeps at 2 too: ``VLLM_SLEEP_LEVEL`` in
     verl/third_party/vllm/__init__.py, 1 only with LoRA), and 0 in ``disaggregated``, where nothing else uses the
-    rollout GPUs."""
+    rollout GPUs, or under ``trainer.schedule`` one_step_off or async, where the engines generate while the
+    learner trains."""
     level = cfg.rollout.vllm_sleep_level
     if level is not None:
         return level
-    return 2 if cfg.placement.mode == "colocated" else 0
+    return 2 if cfg.placement.mode == "colocated" and cfg.trainer.schedule == "sync" else 0
 
 
 def check_placement(cfg: Config) -> list[str]:

@@ -31,7 +31,8 @@ ROLLOUT_ENGINES = ("hf", "vllm")
 ROLLOUT_MODES = ("async", "turn_sync")  # research_rl.rollout.agent_loop.MODES
 LEARNER_BACKENDS = ("fsdp2", "deepspeed")
 LEARNER_OFFLOAD = ("none", "optimizer", "all")
-ROLLOUT_IS = ("none", "tis")  # algo.rollout_is: no correction, or truncated importance sampling
+ROLLOUT_IS = ("auto", "none", "tis")  # algo.rollout_is: by trainer.schedule, no correction, or truncated IS
+SCHEDULES = ("sync", "one_step_off", "async")  # trainer.schedule (research_rl/driver/schedule.py)
 RETRIEVER_KINDS = ("bm25", "dense")
 PLACEMENTS = ("colocated", "disaggregated")
 PG_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -269,7 +270,9 @@ class AlgoConfig:
     learner computes (vLLM's bf16 kernels against the learner's model): each token's policy-gradient term is
     multiplied by ``min(π_learner / π_engine, rollout_is_cap)`` (truncated importance sampling, as verl's
     ``rollout_is``; docs/learner.md#engine-learner-mismatch-truncated-importance-sampling). It needs sampled
-    rollouts (``rollout.temperature > 0``).
+    rollouts (``rollout.temperature > 0``). Under ``trainer.schedule=one_step_off`` or ``async`` the same weight
+    is the decoupled PPO objective's behaviour correction for stale rollouts (docs/rollout.md#training-schedules);
+    ``auto`` (the default) means ``tis`` there and ``none`` with ``trainer.schedule=sync`` (``rollout_is_mode``).
     """
 
     clip_eps: float = 0.2  # PPO ε: the ratio π_θ/π_θold is clipped to [1-ε, 1+ε]
@@ -283,7 +286,9 @@ class AlgoConfig:
     # reference: the authors' fork, each micro-batch's own masked mean weighted by its share of the rank's
     # trajectories, averaged over ranks (docs/concepts.md#grpo)
     loss_agg: str = "token_mean"
-    rollout_is: str = "none"  # none | tis: weight each token's policy-gradient term by min(π_learner/π_engine, cap)
+    # auto | none | tis: weight each token's policy-gradient term by min(π_learner/π_engine, cap); auto: tis when
+    # trainer.schedule is one_step_off or async (stale rollouts), none with sync
+    rollout_is: str = "auto"
     rollout_is_cap: float = 2.0  # C, the truncation of the TIS weight (verl's rollout_is_threshold default)
 
     def __post_init__(self) -> None:
@@ -456,6 +461,11 @@ class TrainerConfig:
     seed: int = 42
     rollouts_to_log: int = -1  # trajectories dumped per step (-1: all)
     weight_sync: bool = True  # debug only: False syncs once at start, so rollouts stay on the initial policy
+    # sync: rollout, then the update, then the weight sync; one_step_off: step t+1's rollout runs while the learner
+    # trains step t; async: rollout workers fill a bounded buffer continuously (docs/rollout.md#training-schedules)
+    schedule: str = "sync"
+    max_staleness: int = 1  # async: a group generated more than this many policy versions ago is dropped, counted
+    async_groups_per_request: int = 1  # async: groups (prompts × rollout.group_size) per generate request
     # after each sync: the largest mean |log-prob difference| (nats per token of the probe sequence) allowed between
     # the learner and any rollout engine; bf16 engines differ from a bf16 learner by ~0.01-0.03 (docs/rollout.md)
     probe_tolerance: float = 0.05
@@ -475,6 +485,9 @@ class TrainerConfig:
         _seed("trainer.seed", self.seed)
         _number("trainer.rollouts_to_log", self.rollouts_to_log, -1)
         _positive("trainer.probe_tolerance", self.probe_tolerance, allow_zero=True)
+        _one_of("trainer.schedule", self.schedule, SCHEDULES)
+        _positive("trainer.max_staleness", self.max_staleness, allow_zero=True)
+        _positive("trainer.async_groups_per_request", self.async_groups_per_request)
 
 
 SYNC_TRANSPORTS = ("auto", "ipc", "collective", "object_store")  # research_rl.driver.weight_sync.TRANSPORTS
@@ -728,14 +741,41 @@ def validate(cfg: Config) -> Config:
     if cfg.sync.transport == "ipc" and cfg.placement.mode == "disaggregated":
         raise ConfigError("sync.transport", "ipc hands the engines a handle to memory on the learner's own device; "
                           "placement.mode=disaggregated puts them on other devices: use collective (or auto)")
-    if cfg.algo.rollout_is != "none" and cfg.rollout.temperature == 0:
-        raise ConfigError("algo.rollout_is", f"{cfg.algo.rollout_is!r} weights sampled tokens by the engine's "
+    if rollout_is_mode(cfg) != "none" and cfg.rollout.temperature == 0:
+        raise ConfigError("algo.rollout_is", f"{rollout_is_mode(cfg)!r} weights sampled tokens by the engine's "
                           "log-probs, but rollout.temperature=0 is greedy decoding (no log-probs); set "
                           "rollout.temperature > 0 or algo.rollout_is=none")
+    schedule = cfg.trainer.schedule
+    if schedule != "sync":
+        if cfg.learner.offload != "none":
+            raise ConfigError("learner.offload", f"trainer.schedule={schedule} trains while the engines generate; "
+                              "learner.offload moves the learner's state off the GPU for each rollout, while the "
+                              "learner would be training: set learner.offload=none (disaggregated placement gives "
+                              "each role its own GPUs) or trainer.schedule=sync")
+        if cfg.placement.mode == "colocated" and cfg.placement.gpus_per_node > 0:
+            raise ConfigError("trainer.schedule", f"{schedule} overlaps rollout and training, which colocated "
+                              "placement runs on the same GPUs one after the other: use "
+                              "placement.mode=disaggregated or trainer.schedule=sync")
+        if schedule == "async" and cfg.trainer.prompts_per_step % cfg.trainer.async_groups_per_request:
+            raise ConfigError("trainer.async_groups_per_request", f"{cfg.trainer.async_groups_per_request} groups "
+                              f"per request do not divide trainer.prompts_per_step={cfg.trainer.prompts_per_step}: "
+                              "a batch must end where a request does")
+        if cfg.rollout.vllm_sleep_level not in (None, 0):
+            raise ConfigError("rollout.vllm_sleep_level", f"trainer.schedule={schedule} keeps the engines "
+                              "generating while the learner trains: they never sleep; set it to 0 or null")
     if cfg.validation.every and not cfg.data.val_files:
         raise ConfigError("data.val_files", f"validation.every={cfg.validation.every} validates on data.val_files, "
                           "which is empty; name a question file or set validation.every=0")
     return cfg
+
+
+def rollout_is_mode(cfg: Config) -> str:
+    """``algo.rollout_is`` resolved: ``auto`` is ``tis`` under ``trainer.schedule`` one_step_off or async (the
+    rollouts come from an older policy than the one trained: the decoupled correction), ``none`` with ``sync``
+    (today's loss, exactly)."""
+    if cfg.algo.rollout_is != "auto":
+        return cfg.algo.rollout_is
+    return "none" if cfg.trainer.schedule == "sync" else "tis"
 
 
 def schema_keys(schema: type | None = None, prefix: str = "") -> list[str]:

@@ -16,6 +16,14 @@ buckets by ``sync.transport`` (``research_rl.driver.weight_sync``), then a log-p
 engine is not running the learner's weights. A failure in any phase
 (validation and checkpoint included) stops the run with ``TrainingError: step N, phase P: ...``.
 
+``trainer.schedule`` decides when the rollout runs (``research_rl.driver.schedule``): ``sync`` as above;
+``one_step_off`` and ``async`` take the step's batch from rollouts that ran while the learner trained the previous
+step (phase ``rollout``: the wait for it), and wait for the engines to finish their current rollout or requests
+before the weight sync (phase ``rollout_wait``). Every schedule logs ``rollout/staleness_mean`` (learner version −
+the oldest segment's version, per trajectory), ``rollout/dropped_stale`` (trajectories ``async`` dropped),
+``timing/rollout_busy`` (the workers' generation seconds since the previous step, summed) and
+``rollout/generated_tokens`` (tokens the workers generated since the previous step, dropped ones included).
+
 Validation (every ``validation.every`` steps, greedy, on a fixed sample of ``validation.num_questions``) is scored by
 ``research_rl.algo.evaluation``, the same code as ``python -m research_rl.evaluate``: ``val/<dataset>/<metric>`` and
 ``val/<metric>`` for em, f1, cover_em, searches, response_len and format_fail. The checkpoint with the highest
@@ -26,6 +34,7 @@ a ``RunState`` (research_rl/driver/state.py), saved in every checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import sys
 import time
@@ -41,9 +50,10 @@ from research_rl.algo.reward import REWARD_FUNCTIONS, RewardResult
 from research_rl.algo.templates import encode_prompt
 from research_rl.config import preflight
 from research_rl.config.pools import vllm_sleep_level
-from research_rl.config.schema import Config, to_dict
+from research_rl.config.schema import Config, rollout_is_mode, to_dict
 from research_rl.data import PromptStream, Question, load_questions
 from research_rl.driver import checkpoint as ckpt
+from research_rl.driver import schedule as schedules
 from research_rl.driver.metrics import MetricsLogger, drop_rows_after, progress
 from research_rl.driver.rollouts import (build_experience, retriever_stats, rollout_metrics, rollout_rows,
                                         validation_metrics, write_rows)
@@ -117,6 +127,9 @@ class GRPOTrainer:
         self.learners = None  # WorkerGroup of LearnerWorker
         self.references = None  # WorkerGroup of ReferenceWorker (reference.placement=separate)
         self.weight_sync = None  # research_rl.driver.weight_sync.WeightSync between learners and rollout
+        self.schedule = None  # trainer.schedule's object (research_rl.driver.schedule), None for sync
+        self.consumed_cursor: dict | None = None  # the stream after the last batch trained on (what resume needs)
+        self.rollout_busy = {"busy_s": 0.0, "generated_tokens": 0}  # the workers' totals at the last step
 
     # ================================================================= setup
     def setup(self) -> None:
@@ -223,9 +236,10 @@ class GRPOTrainer:
             lambda rank: (cfg.rollout, cfg.model.path, self.retriever, cfg.retriever.top_k, cfg.model.dtype, max_len,
                           sleep_level))
         n = cfg.learner.num_workers
+        algo = dataclasses.replace(cfg.algo, rollout_is=rollout_is_mode(cfg))  # auto resolved by trainer.schedule
         self.learners = WorkerGroup.start(
             "learner", LearnerWorker, self.placement.role_options("learner", n),
-            lambda rank: (cfg.learner, cfg.algo, rank, n, cfg.model.dtype, cfg.model.gradient_checkpointing))
+            lambda rank: (cfg.learner, algo, rank, n, cfg.model.dtype, cfg.model.gradient_checkpointing))
         self.learners.init_process_group()
         if cfg.reference.placement == "separate":
             m = cfg.reference.num_workers
@@ -301,21 +315,20 @@ class GRPOTrainer:
         validation and checkpoint unless the last step had them. Returns ``summary.json``'s object."""
         cfg, s = self.cfg, self.state
         bar = progress(self.total_steps, "GRPO", "steps", initial=s.step)
+        self.schedule = schedules.make(self)
+        if isinstance(self.schedule, schedules.AsyncRollouts):
+            self.schedule.start()
+        self.rollout_busy = self._rollout_busy()
         while self._steps_left():
             s.step += 1
             t_step, timings = time.perf_counter(), {}
-            questions = self.stream.next_batch(cfg.trainer.prompts_per_step)
-            if cfg.learner.offload != "none":  # colocated: the engines get the GPU memory while they generate
-                with self._phase("offload", timings):
-                    self.handover("offload")
-            with self._phase("rollout", timings):
-                questions, trajs = self._rollout(questions, greedy=False, group_size=cfg.rollout.group_size)
-            if cfg.learner.offload != "none":
-                with self._phase("reload", timings):
-                    self.handover("reload")
+            batch = self._next_batch(timings)
+            questions, trajs = batch.questions, batch.trajectories
+            self.consumed_cursor = batch.cursor
             with self._phase("reward", timings):
                 rewards = self.rewards(questions, trajs)
-            exp = build_experience(questions, trajs, rewards, self.tokenizer.pad_token_id, s.policy_version,
+            versions = batch.oldest_versions()
+            exp = build_experience(questions, trajs, rewards, self.tokenizer.pad_token_id, min(versions),
                                    cfg.rollout.temperature)
             with self._phase("advantages", timings):  # from the rewards alone: before the reference pass
                 exp = exp.replace(advantages=grpo.group_advantages(exp.rewards, cfg.rollout.group_size,
@@ -324,15 +337,59 @@ class GRPOTrainer:
                 exp = self.reference_log_probs(exp)
             with self._phase("update", timings):
                 metrics = self.update(exp)
+            if self.schedule is not None:  # the engines take new weights between rollouts / requests
+                with self._phase("rollout_wait", timings):
+                    self.schedule.before_sync()
+            metrics.update(self._schedule_metrics(batch, versions))
             with self._phase("sync", timings):
                 metrics.update(self.sync())
+            if self.schedule is not None:
+                self.schedule.after_sync()
             s.train_seconds += time.perf_counter() - t_step
             timings["timing/step"] = time.perf_counter() - t_step
             self._end_step({**metrics, **timings}, exp, questions, trajs, rewards)
             bar.update(1)
         bar.close()
+        if self.schedule is not None:
+            with self._phase("rollout_wait"):
+                self.schedule.close()
         self._end_run()
         return self.finish()
+
+    def _next_batch(self, timings: dict[str, float]) -> schedules.Batch:
+        """This step's rollouts: generated now (``sync``, with ``learner.offload``'s handover around them), or
+        taken from the schedule's (phase ``rollout``)."""
+        cfg = self.cfg
+        if self.schedule is not None:
+            with self._phase("rollout", timings):
+                return self.schedule.next_batch(self.state.step)
+        questions = self.stream.next_batch(cfg.trainer.prompts_per_step)
+        cursor = self.stream.state_dict()
+        if cfg.learner.offload != "none":  # colocated: the engines get the GPU memory while they generate
+            with self._phase("offload", timings):
+                self.handover("offload")
+        with self._phase("rollout", timings):
+            questions, trajs = self._rollout(questions, greedy=False, group_size=cfg.rollout.group_size)
+        if cfg.learner.offload != "none":
+            with self._phase("reload", timings):
+                self.handover("reload")
+        return schedules.Batch(questions, trajs, cursor)
+
+    def _rollout_busy(self) -> dict:
+        """The rollout workers' ``busy()`` totals, summed (called while no request is in flight)."""
+        totals = self.rollout.call("busy")
+        return {k: sum(t[k] for t in totals) for k in ("busy_s", "generated_tokens")}
+
+    def _schedule_metrics(self, batch: schedules.Batch, versions: list[int]) -> dict[str, float]:
+        """``rollout/staleness_mean``, ``rollout/dropped_stale``, ``timing/rollout_busy`` and
+        ``rollout/generated_tokens`` of this step (module docstring); the engines are idle when it is called."""
+        learner_version = self.state.step - 1  # the weights this step's update started from
+        busy, before = self._rollout_busy(), self.rollout_busy
+        self.rollout_busy = busy
+        return {"rollout/staleness_mean": sum(learner_version - v for v in versions) / len(versions),
+                "rollout/dropped_stale": float(batch.dropped_stale),
+                "timing/rollout_busy": busy["busy_s"] - before["busy_s"],
+                "rollout/generated_tokens": float(busy["generated_tokens"] - before["generated_tokens"])}
 
     def _steps_left(self) -> bool:
         limit = self.cfg.trainer.max_minutes
@@ -366,7 +423,9 @@ class GRPOTrainer:
         with self._phase("log"):
             metrics.update(rollout_metrics(exp, trajs, rewards))
             metrics.update(retriever_stats(self.retrievers, self.cfg.retriever.timeout_s))
-            metrics.update({"train/epoch": self.stream.epoch_float, "train/policy_version": s.policy_version})
+            cursor = self.consumed_cursor or self.stream.state_dict()  # the prompts trained on (schedules ahead)
+            metrics.update({"train/epoch": cursor["epoch"] + cursor["position"] / cursor["size"],
+                            "train/policy_version": s.policy_version})
             s.record_step(metrics)
             write_rows(self.run_dir / "rollouts" / f"step_{s.step:06d}.jsonl",
                        rollout_rows(s.step, exp, questions, trajs, rewards, cfg.trainer.rollouts_to_log))
@@ -377,6 +436,7 @@ class GRPOTrainer:
                 metrics.update(val)
                 s.record_validation(s.step, val)
                 new_best = self._is_new_best(val)
+                self.rollout_busy = self._rollout_busy()  # the next step's figures count training rollouts only
         self.logger.log(s.step, metrics)
         with self._phase("checkpoint"):
             if cfg.trainer.save_every and s.step % cfg.trainer.save_every == 0:
@@ -402,15 +462,27 @@ class GRPOTrainer:
                  group_size: int) -> tuple[list[Question], list[Trajectory]]:
         """Each question repeated ``group_size`` times (group ``i`` = rows ``i*G .. i*G+G-1``) and its trajectories,
         the prompts split evenly over the rollout workers."""
-        cfg = self.cfg
-        expanded = [q for q in questions for _ in range(group_size)]
-        prompts = [self.prompt_ids[q] for q in expanded]
-        chunk = -(-len(prompts) // len(self.rollout))
-        sampling = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, greedy=greedy,
-                                  seed=cfg.trainer.seed * 100_003 + self.state.step)
-        parts = self.rollout.call_each("generate", [(prompts[i * chunk:(i + 1) * chunk], sampling)
-                                                    for i in range(len(self.rollout))])
+        expanded = schedules.expand(questions, group_size)
+        parts = self.rollout.call_each("generate", self.rollout_args(expanded, self.state.step, greedy))
         return expanded, [t for part in parts for t in part]
+
+    def prompts_of(self, rows: list[Question]) -> list[list[int]]:
+        """The encoded prompt of each row's question."""
+        return [self.prompt_ids[q] for q in rows]
+
+    def sampling(self, greedy: bool, seed_offset: int) -> SamplingParams:
+        """``rollout``'s sampling settings, seeded ``trainer.seed × 100003 + seed_offset`` (the step, for
+        ``sync`` and ``one_step_off``)."""
+        cfg = self.cfg
+        return SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, greedy=greedy,
+                              seed=cfg.trainer.seed * 100_003 + seed_offset)
+
+    def rollout_args(self, rows: list[Question], step: int, greedy: bool = False) -> list[tuple]:
+        """``generate``'s arguments per rollout worker: the rows' prompts split evenly, in order, and the sampling
+        settings of step ``step``."""
+        prompts, sampling = self.prompts_of(rows), self.sampling(greedy, step)
+        chunk = -(-len(prompts) // len(self.rollout))
+        return [(prompts[i * chunk:(i + 1) * chunk], sampling) for i in range(len(self.rollout))]
 
     def reference_log_probs(self, exp: Experience) -> Experience:
         """Reference log-probs ``[N, L-1]``. Colocated: each learner rank computes them for its shard and keeps the
@@ -490,7 +562,8 @@ class GRPOTrainer:
         self.learners.call("save_checkpoint", str(tmp / ckpt.SHARDED), self.cfg.model.path)
         if self.cfg.trainer.save_hf_model:
             self.learners.call("save_hf", str(tmp / "model"), self.cfg.model.path)
-        self.state.data_cursor = self.stream.state_dict()
+        # the prompts trained on: one_step_off and async have drawn more, which a resumed run generates again
+        self.state.data_cursor = self.consumed_cursor or self.stream.state_dict()
         self.state.rng = capture_rng()
         return self.state.to_json(to_dict(self.cfg))
 

@@ -12,6 +12,8 @@ begins and the rest for the probe or the next rollout (research_rl/rollout/vllm_
 
 from __future__ import annotations
 
+import time
+
 import ray
 import torch
 
@@ -61,6 +63,8 @@ class RolloutWorker:
                               max_batch_size=cfg.max_batch_size, batch_wait_s=cfg.batch_wait_ms / 1000,
                               eos_ids=eos_ids)
         self.policy_version = 0
+        self.busy_s = 0.0  # seconds inside generate, since start
+        self.generated_tokens = 0  # model tokens generated, since start
 
     def _search(self, queries: list[str]) -> list[list[str] | None]:
         return [None if passages is None else [p.contents for p in passages]
@@ -68,14 +72,25 @@ class RolloutWorker:
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Trajectory]:
         """Run the agent loop on each prompt (already repeated group_size times by the driver); one
-        ``Trajectory`` per prompt, in order."""
+        ``Trajectory`` per prompt, in order, each stamped with the policy version of the engine's weights for every
+        segment (``Trajectory.segment_versions``: one per engine call, i.e. searches + 1)."""
+        t0 = time.perf_counter()
         torch.manual_seed(sampling.seed)
         if hasattr(self.engine, "wake_up"):
             self.engine.wake_up()
         trajs: list[Trajectory] = self.loop.run(prompts, sampling)
         if hasattr(self.engine, "sleep"):
             self.engine.sleep()  # the learner gets the GPU memory back (a no-op at sleep level 0)
+        for t in trajs:
+            t.segment_versions = [self.policy_version] * (t.num_searches + 1)
+        self.busy_s += time.perf_counter() - t0
+        self.generated_tokens += sum(t.num_generated for t in trajs)
         return trajs
+
+    def busy(self) -> dict:
+        """``{"busy_s": seconds spent in generate, "generated_tokens": model tokens generated}``, both since the
+        worker started (the driver takes differences: idle fraction and generation throughput per step)."""
+        return {"busy_s": self.busy_s, "generated_tokens": self.generated_tokens}
 
     # ------------------------------------------------------------------ weight sync (research_rl.driver.weight_sync)
     def sync_info(self) -> dict:

@@ -123,6 +123,9 @@ class Trajectory:
     # per response token: the engine's log-prob of a generated token (GenerationOutput.log_probs), 0.0 at inserted
     # result tokens; None when a generation came without log-probs (greedy) or the trajectory was not rolled out
     rollout_log_probs: list[float] | None = None
+    # the policy version of the weights that generated each segment (each engine call between searches), set by
+    # the rollout worker; weights change only between generate requests, so a trajectory's entries are equal
+    segment_versions: list[int] = field(default_factory=list)
 
     @property
     def num_searches(self) -> int:
