@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-EXP    ?= debug_cpu
+EXP    ?= demo_cpu
+ARGS   ?=
 RUN    ?= outputs/demo_$(shell date +%Y%m%d_%H%M%S)
 PYTEST_ARGS ?=
 
@@ -31,7 +32,7 @@ artifacts: install
 	$(BIN)/python -m retriever_service.build_index --corpus data/corpus/corpus.jsonl --kind bm25 --out artifacts/bm25_index
 
 demo: artifacts
-	$(BIN)/python -m research_rl.train experiment=$(EXP) trainer.output_dir=$(RUN)
+	$(BIN)/python -m research_rl.train experiment=$(EXP) trainer.output_dir=$(RUN) $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest tests -q $(PYTEST_ARGS)

@@ -44,3 +44,4 @@ def test_answer_span_copies_the_answer_as_the_passage_writes_it():
     assert answer_span(("telemark county", "Telemark"), passages) == "Telemark"  # the golds in their order
     assert answer_span(("way n",), passages) is None  # whole words only
     assert answer_span(("Oslo",), passages) is None
+    assert answer_span(("Yes",), passages) == "yes" and answer_span((" no",), []) == "no"  # comparisons: not spans

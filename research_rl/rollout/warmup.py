@@ -45,8 +45,13 @@ def split_questions(questions: list[Question], share: float, seed: int) -> tuple
 
 def answer_span(golds: tuple[str, ...] | list[str], passages: list[str]) -> str | None:
     """The first gold answer (in the golds' order) that occurs in a passage as whole words, case-insensitively, as
-    that passage writes it (``"North"`` for gold ``"north"``); None when no passage holds one."""
+    that passage writes it (``"North"`` for gold ``"north"``); None when no passage holds one.
+
+    A yes/no gold (a comparison question's: "Are X and Y both ...?") is returned as it is, lower-cased, whatever the
+    passages say: such an answer is judged from the passages, never written in them."""
     for gold in golds:
+        if gold.strip().lower() in ("yes", "no"):
+            return gold.strip().lower()
         pattern = re.compile(r"(?<!\w)" + re.escape(gold.strip()) + r"(?!\w)", re.IGNORECASE)
         for passage in passages:
             m = pattern.search(passage) if gold.strip() else None
