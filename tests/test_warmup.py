@@ -45,3 +45,28 @@ def test_answer_span_copies_the_answer_as_the_passage_writes_it():
     assert answer_span(("way n",), passages) is None  # whole words only
     assert answer_span(("Oslo",), passages) is None
     assert answer_span(("Yes",), passages) == "yes" and answer_span((" no",), []) == "no"  # comparisons: not spans
+
+
+def test_synthesize_answers_a_comparison_from_either_source(tokenizer):
+    """A yes/no question (a comparison's gold is no passage's span): ``answer_from="gold"`` gives its one
+    trajectory and searches no titles; ``"results"`` adds one title-search trajectory per gold paragraph, every
+    trajectory answering ``yes``."""
+    from research_rl.data import Question
+    from research_rl.rollout.warmup import synthesize
+
+    q = Question("c1", "Are Oslo and Bergen both in Norway?", ("Yes",), "hotpotqa", supporting_ids=("p1", "p2"))
+    titles = {"p1": "Oslo", "p2": "Bergen"}
+    queries: list[str] = []
+
+    def search(batch):
+        queries.extend(batch)
+        return [['"Oslo"\nOslo is the capital of Norway.', '"Bergen"\nBergen is a city in Norway.'] for _ in batch]
+
+    gold = synthesize([q], titles, search, tokenizer, "instruct", 1.0, 1024, 0, answer_from="gold")
+    assert len(gold) == 1 and queries == [q.question]
+    queries.clear()
+    copied = synthesize([q], titles, search, tokenizer, "instruct", 1.0, 1024, 0, answer_from="results")
+    assert len(copied) == 3 and sorted(queries) == sorted([q.question, "Bergen", "Oslo"])
+    for ex in copied:
+        answer = tokenizer.decode([t for t, m in zip(ex["input_ids"], ex["loss_mask"]) if m])
+        assert "\\boxed{yes}" in answer, answer

@@ -115,7 +115,9 @@ def synthesize(questions: list[Question], titles: dict[str, str], search_fn: Cal
                 examples.append({"input_ids": ids, "loss_mask": mask})
                 break
         for title in dict.fromkeys(titles[i] for i in q.supporting_ids if i in titles and q.id in results):
-            answer = answer_span(q.golden_answers, title_results.get(title, []))
+            if title not in title_results:  # answer_from="gold": no title searches
+                continue
+            answer = answer_span(q.golden_answers, title_results[title])
             if answer is not None:
                 ids, mask = _encode_example(q, [(title, title_results[title])], answer, tokenizer, template)
                 if len(ids) <= max_seq_len:
