@@ -34,7 +34,7 @@ def test_compose_names_the_real_key_and_the_one_meant():
     assert e.value.key == "rollout.group_sise" and "did you mean 'rollout.group_size'?" in str(e.value)
     with pytest.raises(ConfigError) as e:
         compose_config(["experiment=debug_cp"])
-    assert e.value.key == "experiment" and "did you mean 'debug_cpu'?" in str(e.value)
+    assert e.value.key == "experiment" and "did you mean 'debug_cpu' or 'demo_cpu'?" in str(e.value)
     with pytest.raises(ConfigError) as e:  # '+' adds a key for Hydra; the schema still refuses it
         compose_config(["experiment=debug_cpu", "+learner.lrate=1"])
     assert e.value.key == "learner.lrate"
