@@ -57,18 +57,11 @@ def reward_moments(series: dict[str, list[tuple[int, float]]]) -> dict[int, tupl
 
 def windowed_interval(moments: list[tuple], window: int) -> tuple[list[float], list[float]]:
     """The trailing ``window``-step pooled mean reward of each step and its standard error over the window's
-    trajectories (``curve.quarter_change``'s pooling)."""
-    import math
+    trajectories (``curve.pool``)."""
+    from research_rl.driver.curve import pool
 
-    means, ses = [], []
-    for i in range(len(moments)):
-        part = moments[max(0, i - window + 1):i + 1]
-        n = sum(m[0] for m in part)
-        mean = sum(m[1] for m in part) / n
-        var = max(0.0, (sum(m[2] for m in part) - n * mean * mean) / (n - 1)) if n > 1 else 0.0
-        means.append(mean)
-        ses.append(math.sqrt(var / n))
-    return means, ses
+    pooled = [pool(moments[max(0, i - window + 1):i + 1]) for i in range(len(moments))]
+    return [p["mean"] for p in pooled], [p["se"] for p in pooled]
 
 
 def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:

@@ -52,7 +52,8 @@ def format_summary(s: dict) -> str:
                          f"steps {n - k + 1}-{n}, {change['last']['trajectories']} trajectories)")
             lines.append(f"mean reward:           {change['first']['mean']:.3f} -> {change['last']['mean']:.3f}   "
                          f"{describe(change)}")
-            lines.append(f"format-correct rate:   {change['first']['format_ok']:.3f} -> {change['last']['format_ok']:.3f}")
+            first, last = change["first"]["format_ok"], change["last"]["format_ok"]
+            lines.append(f"format-correct rate:   {first:.3f} -> {last:.3f}")
         else:
             lines.append(f"(means of the first {k} and the last {k} steps)")
             lines.append(f"mean reward:           {first_last('reward_mean')}")

@@ -31,7 +31,9 @@ def step_moments(metrics: dict[str, float]) -> Moments | None:
     return n, mean * n, n * (std * std + mean * mean), metrics.get("rollout/format_ok", 0.0) * n
 
 
-def _pool(moments: Sequence[Moments]) -> dict[str, float]:
+def pool(moments: Sequence[Moments]) -> dict[str, float]:
+    """Pooled over the steps' trajectories: ``mean`` reward, its ``se`` (sample standard deviation over the square
+    root of the count), ``trajectories`` and ``format_ok`` (the format-correct rate)."""
     n = sum(m[0] for m in moments)
     mean = sum(m[1] for m in moments) / n
     var = max(0.0, (sum(m[2] for m in moments) - n * mean * mean) / (n - 1)) if n > 1 else 0.0
@@ -51,7 +53,7 @@ def quarter_change(moments: Sequence[Moments | None]) -> dict | None:
     if len(moments) < 2 or any(m is None or m[0] <= 0 for m in moments):
         return None
     q = max(1, len(moments) // 4)
-    first, last = _pool(moments[:q]), _pool(moments[-q:])
+    first, last = pool(moments[:q]), pool(moments[-q:])
     diff = last["mean"] - first["mean"]
     se = math.hypot(first["se"], last["se"])
     return {"quarter_steps": q, "first": first, "last": last, "diff": diff, "diff_se": se,

@@ -54,9 +54,9 @@ def build_experience(questions: Sequence[Question], trajectories: Sequence[Traje
 def rollout_metrics(exp: Experience, trajectories: Sequence[Trajectory],
                     rewards: Sequence[RewardResult]) -> dict[str, float]:
     """``rollout/*`` means over the ``N`` trajectories of the step (``trajectories``: ``N``): ``reward_mean`` and
-    ``reward_std`` (the scores; population standard deviation), ``format_ok`` and ``f1_mean`` (the reward's parts), ``searches_per_traj``, ``response_len`` (generated
-    tokens), ``total_len`` (generated + inserted result tokens), ``finish_<reason>`` (fractions); and
-    ``retriever/errors``, the number of searches the retriever failed to serve."""
+    ``reward_std`` (the scores; population standard deviation), ``format_ok`` and ``f1_mean`` (the reward's parts),
+    ``searches_per_traj``, ``response_len`` (generated tokens), ``total_len`` (generated + inserted result tokens),
+    ``finish_<reason>`` (fractions); and ``retriever/errors``, the number of searches the retriever failed to serve."""
     n = len(exp)
     scores = [r.score for r in rewards]
     return {

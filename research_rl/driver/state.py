@@ -3,10 +3,10 @@
 
 ``RunState`` holds the step and policy version, the best checkpoint so far (``validation.best_metric``, higher is
 better, ties keep the earlier one), the validations before training and the last one (with its step), the per-step
-history the summary prints (``reward_mean``, ``format_ok``, ``searches_per_traj``), each step's reward moments over its
-trajectories (``research_rl.driver.curve``: the first-vs-last-quarter change and its standard error), the warm-up's
-duration and final NLL, the GRPO training time, and, as of the last checkpoint, the data cursor (``PromptStream.state_dict``) and the
-Python / NumPy / torch RNG states.
+history the summary prints (``reward_mean``, ``format_ok``, ``searches_per_traj``), each step's reward moments over
+its trajectories (``research_rl.driver.curve``: the first-vs-last-quarter change and its standard error), the
+warm-up's duration and final NLL, the GRPO training time, and, as of the last checkpoint, the data cursor
+(``PromptStream.state_dict``) and the Python / NumPy / torch RNG states.
 
 ``trainer_state.json`` (``to_json``) keeps the top-level keys earlier checkpoints had (``step``,
 ``policy_version``, ``data_cursor``, ``rng``, ``train_seconds``, ``config``) and stores the rest as fields of their
@@ -145,8 +145,9 @@ class RunState:
     def summary(self, run_dir: str, logger: str, checkpoint: str | None, dropped_prompts: int) -> dict:
         """The ``summary.json`` object (``research_rl.train.format_summary`` and ``research_rl.sweep`` read it):
         ``val_before``, ``val_last``, ``val_step``, ``best``, ``warmup_seconds``, ``warmup_final_nll`` when set,
-        ``history/<key>`` once a step ran, ``reward_change`` (``reward_change()``) when there is one, then ``steps``, ``train_minutes``, ``run_dir``, ``logger``,
-        ``checkpoint`` (the newest step checkpoint) and ``dropped_prompts``."""
+        ``history/<key>`` once a step ran, ``reward_change`` (``reward_change()``) when there is one, then ``steps``,
+        ``train_minutes``, ``run_dir``, ``logger``, ``checkpoint`` (the newest step checkpoint) and
+        ``dropped_prompts``."""
         out: dict = {}
         for key in ("val_before", "val_step", "val_last", "warmup_seconds", "warmup_final_nll"):
             if getattr(self, key) is not None:
