@@ -35,6 +35,15 @@ def test_paper_settings_in_7b_experiment():
     assert (cfg.validation.every, cfg.validation.num_questions) == (10, 100)
 
 
+def test_lr_warmup_rises_linearly_then_holds():
+    from research_rl.driver.trainer import learning_rate
+
+    learner = compose_config(["experiment=debug_cpu", "learner.lr=1e-3", "learner.lr_warmup_steps=4"]).learner
+    assert [learning_rate(learner, s) for s in range(1, 7)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    constant = compose_config(["experiment=debug_cpu", "learner.lr=1e-3"]).learner
+    assert [learning_rate(constant, s) for s in (1, 2, 50)] == [1e-3, 1e-3, 1e-3]  # the paper's: no warm-up
+
+
 @pytest.mark.parametrize("override, key", [
     ("rollout.group_sise=4", "group_sise"),            # unknown key
     ("+rollout.group_sise=4", "rollout.group_sise"),   # an unknown key added with Hydra's +
@@ -47,6 +56,7 @@ def test_paper_settings_in_7b_experiment():
     ("model.template=chat", "model.template"),
     ("rollout.top_p=1.5", "rollout.top_p"),
     ("learner.lr=-1", "learner.lr"),
+    ("learner.lr_warmup_steps=-1", "learner.lr_warmup_steps"),
     ("retriever.kind=splade", "retriever.kind"),
     ("retriever.timeout_s=0", "retriever.timeout_s"),
     ("retriever.num_replicas=0", "retriever.num_replicas"),

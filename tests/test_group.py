@@ -140,7 +140,7 @@ def _driver_roles(ray):
             self.kept = exp
             return None
 
-        def update(self, exp=None):
+        def update(self, exp=None, lr=None):
             assert exp is None and self.kept is not None  # colocated: the shard kept by the reference pass
             self.updates += 1
             if self.rank == 1 and self.updates == 2:

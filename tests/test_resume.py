@@ -84,7 +84,8 @@ def _train_until_killed(overrides: list[str], run_dir: Path, after: str, timeout
 
 
 def test_kill_resume_damaged_checkpoint_and_epoch_boundary(debug_model_dir, bm25_index, train_file, tmp_path):
-    """2 DeepSpeed ZeRO-3 learner ranks, 6 steps = 3 epochs, against an uninterrupted run of the same config.
+    """2 DeepSpeed ZeRO-3 learner ranks, 6 steps = 3 epochs, a 4-step lr warm-up, against an uninterrupted run of
+    the same config.
 
     (a) + (b) Killed after its step-2 checkpoint; its newest checkpoint then truncated: resume=auto says which file
         is wrong, resumes from the checkpoint before it, and the steps after that equal the uninterrupted run's.
@@ -92,7 +93,8 @@ def test_kill_resume_damaged_checkpoint_and_epoch_boundary(debug_model_dir, bm25
         5 and 6 (not zero steps), again equal to the uninterrupted run's."""
     from research_rl.driver import checkpoint
 
-    config = ("learner.num_workers=2", "learner.backend=deepspeed", "learner.zero_stage=3")
+    # with an lr warm-up over the first 4 steps: its rate is a function of the step, so a resumed run continues it
+    config = ("learner.num_workers=2", "learner.backend=deepspeed", "learner.zero_stage=3", "learner.lr_warmup_steps=4")
 
     def train(run_dir, steps):
         proc = _train(_overrides(debug_model_dir, bm25_index, run_dir, train_file, f"trainer.total_steps={steps}",
@@ -104,6 +106,7 @@ def test_kill_resume_damaged_checkpoint_and_epoch_boundary(debug_model_dir, bm25
     train(full, 6)
     want = _steps(full)
     assert sorted(want) == [1, 2, 3, 4, 5, 6]
+    assert [want[s]["actor/lr"] for s in want] == pytest.approx([5e-4 * f for f in (0.25, 0.5, 0.75, 1, 1, 1)])
 
     # (a) SIGKILL in the middle of the run
     run = tmp_path / "interrupted"

@@ -333,6 +333,7 @@ class LearnerConfig:
     num_gpus_per_worker: float = 0.0
     torch_threads: int = 0
     lr: float = 1e-6
+    lr_warmup_steps: int = 0  # GRPO steps of linear warm-up: step s trains at lr * min(1, s / this); 0 = constant
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
@@ -362,6 +363,7 @@ class LearnerConfig:
         _positive("learner.num_gpus_per_worker", self.num_gpus_per_worker, allow_zero=True)
         _positive("learner.torch_threads", self.torch_threads, allow_zero=True)
         _positive("learner.lr", self.lr)
+        _positive("learner.lr_warmup_steps", self.lr_warmup_steps, allow_zero=True)
         _positive("learner.weight_decay", self.weight_decay, allow_zero=True)
         _positive("learner.grad_clip", self.grad_clip)  # clip_grad_norm_ max norm; 0 would zero every gradient
         _positive("learner.micro_batch_size", self.micro_batch_size)

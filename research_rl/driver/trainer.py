@@ -69,6 +69,20 @@ class TrainingError(RuntimeError):
     """A step failed in a way that must stop the run (the message names the step and phase)."""
 
 
+def learning_rate(learner, step: int) -> float:
+    """The learning rate of GRPO step ``step`` (1-based): ``learner.lr`` scaled by ``min(1, step /
+    learner.lr_warmup_steps)``, a linear warm-up, or ``learner.lr`` throughout when ``lr_warmup_steps`` is 0 (the
+    paper's constant rate).
+
+    Source: transformers' ``get_constant_schedule_with_warmup`` as verl's ``actor.optim.lr_warmup_steps`` uses it,
+    with one deviation: their first optimizer step has factor 0 (the scheduler steps after it), which spends a
+    step on nothing; here step 1 has ``1 / lr_warmup_steps``. The rate is a function of the step alone, so a resumed
+    run continues the schedule with no state of its own."""
+    if learner.lr_warmup_steps <= 0:
+        return learner.lr
+    return learner.lr * min(1.0, step / learner.lr_warmup_steps)
+
+
 def encode_questions(questions: list[Question], template: str, tokenizer,
                      max_prompt_len: int) -> tuple[list[tuple[Question, list[int]]], int]:
     """``(question, prompt ids)`` of the questions whose prompt fits ``max_prompt_len`` tokens, and how many were
@@ -497,10 +511,12 @@ class GRPOTrainer:
 
     def update(self, exp: Experience) -> dict[str, float]:
         """One GRPO optimizer step on the learner ranks (each on its shard: the one it kept with a colocated
-        reference, or ``exp``'s); rank 0's ``actor/*`` metrics, already reduced over the ranks."""
+        reference, or ``exp``'s) at ``learning_rate(state.step)``; rank 0's ``actor/*`` metrics, already reduced
+        over the ranks."""
+        lr = learning_rate(self.cfg.learner, self.state.step)
         if not self.references:
-            return self.learners.first("update")
-        return self.learners.scatter("update", exp.shard(len(self.learners)))[0]
+            return self.learners.first("update", None, lr)
+        return self.learners.scatter("update", exp.shard(len(self.learners)), lr)[0]
 
     def sync(self, initial: bool = False) -> dict[str, float]:
         """Learner → rollout weights (``research_rl.driver.weight_sync``, ``sync.transport``), then the log-prob

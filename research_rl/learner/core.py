@@ -269,10 +269,11 @@ class Learner:
         count = n // per_rank
         return [range(j, n, count) for j in range(count)] * self.algo.ppo_epochs
 
-    def update(self, exp: Experience | None = None) -> dict[str, float]:
+    def update(self, exp: Experience | None = None, lr: float | None = None) -> dict[str, float]:
         """GRPO optimizer steps over this rank's shard ``exp``, or over the one ``compute_ref_log_probs(keep=True)``
         kept when None: ``algo.ppo_epochs`` × (trajectories / ``algo.ppo_mini_batch_size``) steps, one with the
-        defaults (module docstring). Every rank calls it with its own shard.
+        defaults (module docstring). Every rank calls it with its own shard. ``lr``: the learning rate of these
+        steps (the driver's ``learner.lr_warmup_steps`` schedule); None keeps the optimizer's current one.
 
         Returns ``actor/*`` metrics, averaged over ranks and over the optimizer steps: ``pg_loss``, ``kl``,
         ``entropy``, ``clip_frac``, ``approx_kl``, ``loss`` (token-means over each step's global mini-batch),
@@ -295,6 +296,9 @@ class Learner:
             exp, self._kept = self._kept, None
         if exp.advantages is None:
             raise ValueError("update() needs the batch's advantages")
+        if lr is not None:
+            for g in self.policy.optimizer.param_groups:
+                g["lr"] = lr
         if self.algo.rollout_is == "tis" and exp.rollout_log_probs is None:
             raise ValueError("algo.rollout_is=tis needs the batch's rollout_log_probs (the engine's log-probs of the "
                              "sampled tokens; greedy rollouts have none): set algo.rollout_is=none or sample")

@@ -68,9 +68,10 @@ class LearnerWorker:
         them filled in, for the next ``update()`` (returns None)."""
         return self.learner.compute_ref_log_probs(exp, keep)
 
-    def update(self, exp: Experience | None = None) -> dict[str, float]:
-        """GRPO optimizer steps on ``exp`` (or the kept shard); ``actor/*`` metrics reduced over ranks."""
-        return self.learner.update(exp)
+    def update(self, exp: Experience | None = None, lr: float | None = None) -> dict[str, float]:
+        """GRPO optimizer steps on ``exp`` (or the kept shard) at learning rate ``lr`` (None: unchanged);
+        ``actor/*`` metrics reduced over ranks."""
+        return self.learner.update(exp, lr)
 
     def offload(self) -> float:
         """Before rollout on a shared GPU: ``Learner.offload`` (``learner.offload``; empties the CUDA cache).
