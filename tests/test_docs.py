@@ -16,7 +16,7 @@
   research_rl/driver/checkpoint.py documents and writes (``checkpoint_names``).
 - Every entry point (a top-level ``research_rl`` module with a ``__main__`` block) is named in the README as
   ``python -m research_rl.NAME``.
-- The demo's figures in the README agree with ``conf/experiment/debug_cpu.yaml`` (``demo_problems``): the step
+- The demo's figures in the README agree with the experiment ``make demo`` runs (``demo_problems``): the step
   budget and the time budget it stops on, the number of validation questions and the validated steps.
 
 The self-tests at the end feed each checker a known-bad input, so a checker that stopped checking fails.
@@ -369,6 +369,13 @@ def entry_points() -> list[str]:
                   if "__name__ == \"__main__\"" in p.read_text())
 
 
+def make_default(variable: str) -> str:
+    """The default the Makefile gives ``variable`` (its ``NAME ?= value`` line)."""
+    m = re.search(rf"^{variable}\s*\?=\s*(\S+)", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert m, f"the Makefile sets no default for {variable}"
+    return m.group(1)
+
+
 def demo_problems(readme: str, exp: dict) -> list[str]:
     """Where the README's "What the demo shows" disagrees with the demo's experiment file (``exp``, the parsed
     YAML): the steps it ran (at most ``trainer.total_steps``; "all N steps" only when N is that budget, else the
@@ -416,9 +423,10 @@ def test_every_entry_point_is_in_the_readme(module):
 
 
 def test_the_demo_figures_match_its_config():
-    import yaml
+    from research_rl.config.compose import compose_config
+    from research_rl.config.schema import to_dict
 
-    exp = yaml.safe_load((ROOT / "conf/experiment/debug_cpu.yaml").read_text())
+    exp = to_dict(compose_config([f"experiment={make_default('EXP')}"]))  # what `make demo` runs, composed
     problems = demo_problems((ROOT / "README.md").read_text(), exp)
     assert not problems, "README.md, What the demo shows:\n  " + "\n  ".join(problems)
 
