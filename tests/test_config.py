@@ -35,13 +35,18 @@ def test_paper_settings_in_7b_experiment():
     assert (cfg.validation.every, cfg.validation.num_questions) == (10, 100)
 
 
-def test_lr_warmup_rises_linearly_then_holds():
+def test_lr_warmup_rises_linearly_then_holds_or_follows_a_cosine():
     from research_rl.driver.trainer import learning_rate
 
     learner = compose_config(["experiment=debug_cpu", "learner.lr=1e-3", "learner.lr_warmup_steps=4"]).learner
-    assert [learning_rate(learner, s) for s in range(1, 7)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert [learning_rate(learner, s, 6) for s in range(1, 7)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
     constant = compose_config(["experiment=debug_cpu", "learner.lr=1e-3"]).learner
-    assert [learning_rate(constant, s) for s in (1, 2, 50)] == [1e-3, 1e-3, 1e-3]  # the paper's: no warm-up
+    assert [learning_rate(constant, s, 50) for s in (1, 2, 50)] == [1e-3, 1e-3, 1e-3]  # the paper's: no schedule
+    cosine = compose_config(["experiment=debug_cpu", "learner.lr=1e-3", "learner.lr_warmup_steps=4",
+                             "learner.lr_schedule=cosine", "learner.min_lr_ratio=0.1"]).learner
+    # the warm-up, then a half cosine from lr at step 4 to 0.1 lr at step 8 (its midpoint, step 6, halfway)
+    assert [learning_rate(cosine, s, 8) for s in range(1, 9)] == pytest.approx(
+        [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-4 + 9e-4 * (1 + 2 ** -0.5) / 2, 5.5e-4, 1e-4 + 9e-4 * (1 - 2 ** -0.5) / 2, 1e-4])
 
 
 @pytest.mark.parametrize("override, key", [
@@ -57,6 +62,8 @@ def test_lr_warmup_rises_linearly_then_holds():
     ("rollout.top_p=1.5", "rollout.top_p"),
     ("learner.lr=-1", "learner.lr"),
     ("learner.lr_warmup_steps=-1", "learner.lr_warmup_steps"),
+    ("learner.lr_schedule=linear", "learner.lr_schedule"),
+    ("learner.min_lr_ratio=1.5", "learner.min_lr_ratio"),
     ("retriever.kind=splade", "retriever.kind"),
     ("retriever.timeout_s=0", "retriever.timeout_s"),
     ("retriever.num_replicas=0", "retriever.num_replicas"),

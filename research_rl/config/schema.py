@@ -333,7 +333,9 @@ class LearnerConfig:
     num_gpus_per_worker: float = 0.0
     torch_threads: int = 0
     lr: float = 1e-6
-    lr_warmup_steps: int = 0  # GRPO steps of linear warm-up: step s trains at lr * min(1, s / this); 0 = constant
+    lr_warmup_steps: int = 0  # GRPO steps of linear warm-up: step s trains at lr * min(1, s / this); 0 = none
+    lr_schedule: str = "constant"  # after the warm-up: constant (the paper) | cosine (down to lr * min_lr_ratio)
+    min_lr_ratio: float = 0.0  # cosine: the rate at the last step, as a fraction of lr (verl's min_lr_ratio)
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
@@ -364,6 +366,8 @@ class LearnerConfig:
         _positive("learner.torch_threads", self.torch_threads, allow_zero=True)
         _positive("learner.lr", self.lr)
         _positive("learner.lr_warmup_steps", self.lr_warmup_steps, allow_zero=True)
+        _one_of("learner.lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        _number("learner.min_lr_ratio", self.min_lr_ratio, 0, 1)
         _positive("learner.weight_decay", self.weight_decay, allow_zero=True)
         _positive("learner.grad_clip", self.grad_clip)  # clip_grad_norm_ max norm; 0 would zero every gradient
         _positive("learner.micro_batch_size", self.micro_batch_size)

@@ -35,6 +35,7 @@ a ``RunState`` (research_rl/driver/state.py), saved in every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import sys
 import time
@@ -69,18 +70,25 @@ class TrainingError(RuntimeError):
     """A step failed in a way that must stop the run (the message names the step and phase)."""
 
 
-def learning_rate(learner, step: int) -> float:
-    """The learning rate of GRPO step ``step`` (1-based): ``learner.lr`` scaled by ``min(1, step /
-    learner.lr_warmup_steps)``, a linear warm-up, or ``learner.lr`` throughout when ``lr_warmup_steps`` is 0 (the
-    paper's constant rate).
+def learning_rate(learner, step: int, total_steps: int) -> float:
+    """The learning rate of GRPO step ``step`` (1-based) of ``total_steps``: ``learner.lr`` times a factor that
+    rises linearly over the first ``learner.lr_warmup_steps`` steps (``step / lr_warmup_steps``), then is 1
+    (``lr_schedule=constant``, the paper's constant rate) or follows a half cosine from 1 after the warm-up down to
+    ``learner.min_lr_ratio`` at ``total_steps`` (``lr_schedule=cosine``).
 
-    Source: transformers' ``get_constant_schedule_with_warmup`` as verl's ``actor.optim.lr_warmup_steps`` uses it,
-    with one deviation: their first optimizer step has factor 0 (the scheduler steps after it), which spends a
-    step on nothing; here step 1 has ``1 / lr_warmup_steps``. The rate is a function of the step alone, so a resumed
-    run continues the schedule with no state of its own."""
-    if learner.lr_warmup_steps <= 0:
+    Source: transformers' ``get_constant_schedule_with_warmup`` and ``get_cosine_schedule_with_warmup`` as verl's
+    ``actor.optim`` (``lr_warmup_steps``, ``lr_scheduler_type``, ``min_lr_ratio``) uses them, with one deviation:
+    their first optimizer step has factor 0 (the scheduler steps after it), which spends a step on nothing; here step
+    1 has ``1 / lr_warmup_steps``, and the cosine reaches its floor at the last step itself. The rate is a function
+    of the step alone, so a resumed run continues the schedule with no state of its own."""
+    warmup = learner.lr_warmup_steps
+    if warmup > 0 and step < warmup:
+        return learner.lr * step / warmup
+    if learner.lr_schedule == "constant" or total_steps <= max(warmup, 1):
         return learner.lr
-    return learner.lr * min(1.0, step / learner.lr_warmup_steps)
+    progress = min(1.0, (step - max(warmup, 1)) / (total_steps - max(warmup, 1)))
+    floor = learner.min_lr_ratio
+    return learner.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def encode_questions(questions: list[Question], template: str, tokenizer,
@@ -511,9 +519,9 @@ class GRPOTrainer:
 
     def update(self, exp: Experience) -> dict[str, float]:
         """One GRPO optimizer step on the learner ranks (each on its shard: the one it kept with a colocated
-        reference, or ``exp``'s) at ``learning_rate(state.step)``; rank 0's ``actor/*`` metrics, already reduced
-        over the ranks."""
-        lr = learning_rate(self.cfg.learner, self.state.step)
+        reference, or ``exp``'s) at ``learning_rate(learner, state.step, total_steps)``; rank 0's ``actor/*``
+        metrics, already reduced over the ranks."""
+        lr = learning_rate(self.cfg.learner, self.state.step, self.total_steps)
         if not self.references:
             return self.learners.first("update", None, lr)
         return self.learners.scatter("update", exp.shard(len(self.learners)), lr)[0]
