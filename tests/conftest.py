@@ -17,18 +17,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
 
 
+def build_model(out: Path, shape) -> Path:
+    """A debug model + tokenizer of ``shape`` (a ``DebugModelConfig``) trained on the shipped corpus and training
+    questions, as ``make artifacts`` builds it."""
+    from research_rl.debug_model import build_debug_model
+
+    build_debug_model(str(out), str(ROOT / "data/corpus/corpus.jsonl"),
+                      [str(ROOT / "data/musique/train.jsonl"), str(ROOT / "data/hotpotqa/train.jsonl")], shape)
+    return out
+
+
 @pytest.fixture(scope="session")
 def debug_model_dir(tmp_path_factory) -> Path:
     """A tiny Qwen2 model + tokenizer trained on the shipped corpus (built once per session)."""
     from research_rl.config.schema import DebugModelConfig
-    from research_rl.debug_model import build_debug_model
 
-    out = tmp_path_factory.mktemp("model") / "debug_model"
-    build_debug_model(str(out), str(ROOT / "data/corpus/corpus.jsonl"),
-                      [str(ROOT / "data/musique/train.jsonl"), str(ROOT / "data/hotpotqa/train.jsonl")],
-                      DebugModelConfig(vocab_size=2048, hidden_size=64, intermediate_size=128, num_layers=2,
-                                       num_heads=1, num_kv_heads=1))
-    return out
+    return build_model(tmp_path_factory.mktemp("model") / "debug_model",
+                       DebugModelConfig(vocab_size=2048, hidden_size=64, intermediate_size=128, num_layers=2,
+                                        num_heads=1, num_kv_heads=1))
 
 
 @pytest.fixture(scope="session")

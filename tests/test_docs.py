@@ -377,8 +377,8 @@ def make_default(variable: str) -> str:
 
 
 def demo_problems(readme: str, exp: dict) -> list[str]:
-    """Where the README's "What the demo shows" disagrees with the demo's experiment file (``exp``, the parsed
-    YAML): the steps it ran (at most ``trainer.total_steps``; "all N steps" only when N is that budget, else the
+    """Where the README's "What the demo shows" disagrees with the demo's experiment (``exp``, its composed config
+    as a dict): the steps it ran (at most ``trainer.total_steps``; "all N steps" only when N is that budget, else the
     time budget ``trainer.max_minutes=X`` must be named with its value), its minutes (within the time budget),
     "(of N)" validation questions (``validation.num_questions``), the validated steps (multiples of
     ``validation.every`` up to the steps run) and the warm-up steps named (``warmup.steps``)."""

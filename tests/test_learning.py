@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_e2e import ROOT, _train, tiny_overrides
+from tests.conftest import build_model
+from tests.test_e2e import _train, tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 STEPS = 20  # with sync
@@ -74,15 +75,10 @@ RESEARCH_STEPS = 28  # conf/experiment/demo_cpu.yaml's
 @pytest.fixture(scope="module")
 def demo_model_dir(tmp_path_factory) -> Path:
     """The model ``make demo`` trains: the schema's default ``model.debug`` shape (0.92M parameters), which
-    conf/experiment/demo_cpu.yaml keeps, built from config like ``make artifacts``."""
+    conf/experiment/demo_cpu.yaml keeps."""
     from research_rl.config.schema import DebugModelConfig
-    from research_rl.debug_model import build_debug_model
 
-    out = tmp_path_factory.mktemp("demo_model") / "debug_model"
-    build_debug_model(str(out), str(ROOT / "data/corpus/corpus.jsonl"),
-                      [str(ROOT / "data/musique/train.jsonl"), str(ROOT / "data/hotpotqa/train.jsonl")],
-                      DebugModelConfig())
-    return out
+    return build_model(tmp_path_factory.mktemp("demo_model") / "debug_model", DebugModelConfig())
 
 
 def test_grpo_raises_the_research_reward_on_questions_the_warm_up_never_answered(demo_model_dir, bm25_index,
@@ -92,9 +88,10 @@ def test_grpo_raises_the_research_reward_on_questions_the_warm_up_never_answered
     and turn by turn, so that the run repeats exactly on one machine.
 
     The margin over trajectories is the demo's, more than 3 standard errors, and the format-correct rate must rise.
-    The relative bar is a quarter of the first quarter's mean, not the demo's half: over the ten runs of 24 to 32
-    steps measured for the README (seeds 0-2, several settings), the rise ranged from +27% to +128%, and a test
-    must not fail on a seed that the README reports."""
+    The relative bar is a quarter of the first quarter's mean, not the demo's half, so that float rounding on
+    another CPU does not flip it: this run measured +53% at 3.6 standard errors, the same figures as ``make demo
+    ARGS=trainer.seed=0`` (README, "What the demo shows"). Not every seed passes even this bar (seed 2 rose 14%).
+    """
     run = tmp_path / "research"
     proc = _train(["experiment=demo_cpu", f"model.path={demo_model_dir}", f"retriever.index_dir={bm25_index}",
                    f"trainer.output_dir={run}", f"trainer.total_steps={RESEARCH_STEPS}", "trainer.max_minutes=null",

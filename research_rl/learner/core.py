@@ -273,7 +273,7 @@ class Learner:
         """GRPO optimizer steps over this rank's shard ``exp``, or over the one ``compute_ref_log_probs(keep=True)``
         kept when None: ``algo.ppo_epochs`` × (trajectories / ``algo.ppo_mini_batch_size``) steps, one with the
         defaults (module docstring). Every rank calls it with its own shard. ``lr``: the learning rate of these
-        steps (the driver's ``learner.lr_warmup_steps`` schedule); None keeps the optimizer's current one.
+        steps (the driver's schedule, ``research_rl.driver.trainer.learning_rate``); None keeps the optimizer's current one.
 
         Returns ``actor/*`` metrics, averaged over ranks and over the optimizer steps: ``pg_loss``, ``kl``,
         ``entropy``, ``clip_frac``, ``approx_kl``, ``loss`` (token-means over each step's global mini-batch),
