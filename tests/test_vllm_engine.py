@@ -79,14 +79,8 @@ def trained(model_dir, tok):
                      torch.tensor([[-100] * len(prompt) + segment + [-100] * len(result) + reply])))
 
     def min_scripted_prob() -> float:
-        with torch.no_grad():
-            probs = []
-            for ids, labels in seqs:
-                logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
-                target = labels[0, 1:]
-                keep = target != -100
-                probs.append(logp[keep].gather(-1, target[keep, None]).exp().min())
-        return float(min(probs))
+        return min(float(_hf_log_probs(model, ids[0].tolist())[labels[0, 1:] != -100].exp().min())
+                   for ids, labels in seqs)
 
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(400):
